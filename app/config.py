@@ -1,0 +1,52 @@
+"""Server and engine settings (environment variables with the prefix ``MIDSERVE_``).
+
+No import-time singleton: ``get_settings()`` is cached and tests override it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.repository import default_models_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MIDSERVE_", env_file=None, extra="ignore")
+
+    # models and devices
+    models_dir: Path = Field(default_factory=default_models_dir)
+    models: list[str] = ["tf_efficientnet_lite0"]  # names, or ["all"] for every available
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    chunk_views: int = 0  # views per forward chunk; 0 = per-device default
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    warmup: bool = True
+
+    # request limits
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 16.0
+    max_images_per_request: int = 16
+    max_views_per_request: int = 64
+    max_top_k: int = 100
+
+    # batching and backpressure
+    max_batch_views: int = 0  # views per forward across requests; 0 = chunk_views
+    max_wait_ms: float = 2.0
+    max_queue_views: int = 512
+    request_timeout_s: float = 30.0
+    preprocess_workers: int = 2
+
+    # security
+    auth_tokens: list[str] = []
+    auth_tokens_file: Path | None = None
+    open_probes: bool = True  # /metrics, /healthz, /readyz need no token
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,215 @@
+"""Images + view plan -> averaged predictions. No HTTP in here.
+
+The request path: decode once, resize once, normalise once, cut every view as a slice of
+that one tensor, stack views on the batch dimension, run the network in chunks sized for
+the device, then average per image at the chosen level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.errors import InvalidRequestError
+from app.repository import LoadedModel
+from app.tta.averaging import LEVELS, Level, average_probabilities
+from app.tta.preprocess import DecodeLimits, PreparedImage, cut_views, load_and_prepare
+from app.tta.views import View, ViewSpec, boxes_in_original, plan_views
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CHUNK_VIEWS = {"cpu": 10, "cuda": 128}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when there is one (or when asked for), else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class TopClass:
+    index: int
+    synset: str
+    label: str
+    prob: float
+
+
+@dataclass
+class ViewOutputs:
+    """Per-view network outputs for one image (rows in view order)."""
+
+    features: torch.Tensor  # [N, D]
+    logits: torch.Tensor  # [N, C]
+
+
+@dataclass
+class Prediction:
+    top: list[TopClass]
+    level: str
+    views: list[View]
+    spec: str
+    seed: int
+    boxes: list[list[float]]
+    view_top1: list[TopClass]
+    probs: torch.Tensor  # [C], kept for evaluation and accuracy metrics
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "top": [t.__dict__ for t in self.top],
+            "level": self.level,
+            "views": len(self.views),
+            "spec": self.spec,
+            "seed": self.seed,
+            "view_boxes": [
+                {"kind": v.kind, "flip": v.flip, "box": b}
+                for v, b in zip(self.views, self.boxes, strict=True)
+            ],
+            "view_top1": [t.__dict__ for t in self.view_top1],
+            "timings_ms": {k: round(v * 1000.0, 3) for k, v in self.timings.items()},
+        }
+
+
+def check_level(level: str) -> Level:
+    if level not in LEVELS:
+        raise InvalidRequestError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    return level
+
+
+class Engine:
+    """One model on one device, ready to classify prepared images."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        dtype: str = "float32",
+        chunk_views: int = 0,
+        limits: DecodeLimits | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}")
+        self.model = model
+        self.device = model.device
+        self.dtype = DTYPES[dtype]
+        self.chunk_views = chunk_views or DEFAULT_CHUNK_VIEWS.get(self.device.type, 32)
+        self.limits = limits or DecodeLimits()
+
+    @property
+    def cfg(self):  # noqa: ANN201 - ModelConfig, kept short for call sites
+        return self.model.cfg
+
+    # -- preprocessing (thread-safe, CPU bound; the server runs it off the event loop) --
+    def prepare(self, data: bytes) -> PreparedImage:
+        return load_and_prepare(data, self.model.cfg, self.device, self.limits)
+
+    def plan(
+        self, image: PreparedImage, spec: ViewSpec, seed: int | None
+    ) -> tuple[list[View], int]:
+        """View boxes for this image; a missing seed is drawn and returned for reproduction."""
+        seed = secrets.randbits(31) if seed is None else seed
+        w, h = image.resized_size
+        return plan_views(spec, w, h, self.model.cfg.input_size, seed), seed
+
+    # -- the forward pass -------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _chunks(self, batch: torch.Tensor) -> Iterator[torch.Tensor]:
+        for start in range(0, batch.shape[0], self.chunk_views):
+            yield batch[start : start + self.chunk_views]
+
+    @torch.inference_mode()
+    def run_views(self, batch: torch.Tensor) -> ViewOutputs:
+        """Features and logits of a stack of views [N, 3, S, S], chunked for the device."""
+        feats, logits = [], []
+        with self._autocast():
+            for chunk in self._chunks(batch):
+                x = chunk.to(self.device).contiguous(memory_format=torch.channels_last)
+                f = self.model.features(x)
+                feats.append(f.float())
+                logits.append(self.model.head(f).float())
+        return ViewOutputs(torch.cat(feats), torch.cat(logits))
+
+    @torch.inference_mode()
+    def summarize(
+        self,
+        outputs: ViewOutputs,
+        level: Level,
+        top_k: int,
+    ) -> tuple[torch.Tensor, list[TopClass], list[TopClass]]:
+        """Averaged probabilities, their top-k, and each view's own top-1."""
+        with self._autocast():
+            probs = average_probabilities(outputs.features, outputs.logits, self.model.head, level)
+        probs = probs.float().cpu()
+        labels = self.model.labels
+        k = min(top_k, probs.shape[0])
+        values, indices = probs.topk(k)
+        top = [
+            TopClass(int(i), labels.ids[i], labels.names[i], float(v))
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+        view_probs = torch.softmax(outputs.logits.float(), dim=-1).cpu()
+        best_p, best_i = view_probs.max(dim=-1)
+        view_top1 = [
+            TopClass(int(i), labels.ids[i], labels.names[i], float(p))
+            for p, i in zip(best_p.tolist(), best_i.tolist(), strict=True)
+        ]
+        return probs, top, view_top1
+
+    def check_top_k(self, top_k: int) -> int:
+        n = self.model.cfg.num_classes
+        if not 1 <= top_k <= n:
+            raise InvalidRequestError(f"top_k must be between 1 and {n}, got {top_k}")
+        return top_k
+
+    # -- the whole path, for the CLI, evaluation and tests ------------------------------
+    def classify(
+        self,
+        data: bytes,
+        spec: ViewSpec,
+        level: str = "softmax",
+        top_k: int = 5,
+        seed: int | None = None,
+    ) -> Prediction:
+        lvl = check_level(level)
+        self.check_top_k(top_k)
+        t0 = time.perf_counter()
+        image = self.prepare(data)
+        t1 = time.perf_counter()
+        views, seed = self.plan(image, spec, seed)
+        batch = cut_views(image, views)
+        t2 = time.perf_counter()
+        outputs = self.run_views(batch)
+        t3 = time.perf_counter()
+        prediction = self.predict(image, views, seed, str(spec), outputs, lvl, top_k)
+        t4 = time.perf_counter()
+        prediction.timings = {
+            "decode_resize": t1 - t0,
+            "views": t2 - t1,
+            "forward": t3 - t2,
+            "postprocess": t4 - t3,
+        }
+        return prediction
+
+    def predict(
+        self,
+        image: PreparedImage,
+        views: list[View],
+        seed: int,
+        spec: str,
+        outputs: ViewOutputs,
+        level: Level,
+        top_k: int,
+    ) -> Prediction:
+        probs, top, view_top1 = self.summarize(outputs, level, top_k)
+        boxes = boxes_in_original(views, image.resized_size, image.original_size)
+        return Prediction(top, level, views, spec, seed, boxes, view_top1, probs)

@@ -1,0 +1,71 @@
+"""Domain errors. Nothing here knows about HTTP: the API layer maps them to status codes."""
+
+from __future__ import annotations
+
+
+class MidserveError(Exception):
+    """Base class of every error midserve raises on purpose."""
+
+
+class InvalidImageError(MidserveError):
+    """The bytes are not an image we can decode (empty, truncated, unsupported format)."""
+
+
+class ImageTooLargeError(MidserveError):
+    """The image (or request body) is larger than a configured limit."""
+
+
+class InvalidRequestError(MidserveError):
+    """A request parameter is malformed or out of range (views spec, level, top_k, label...)."""
+
+
+class LimitExceededError(InvalidRequestError):
+    """A request asks for more than a configured limit allows (views, images)."""
+
+
+class UnknownModelError(MidserveError):
+    """A model name that is not in the model repository."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(f"unknown model {name!r}; known models: {', '.join(self.known) or 'none'}")
+
+
+class ModelConfigError(MidserveError):
+    """A model.toml that cannot be read or is inconsistent."""
+
+
+class ModelLoadError(MidserveError):
+    """Weights could not be found or do not fit the architecture."""
+
+
+class WeightsMismatchError(ModelLoadError):
+    """A checkpoint whose tensors do not match the architecture one to one."""
+
+    def __init__(self, missing: list[str], unexpected: list[str], shape: list[str]) -> None:
+        self.missing, self.unexpected, self.shape = missing, unexpected, shape
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if shape:
+            parts.append(f"shape mismatches ({len(shape)}): {', '.join(shape[:20])}")
+        super().__init__("weights do not match the architecture: " + "; ".join(parts))
+
+
+class ModelNotReadyError(MidserveError):
+    """The model exists but is still loading, or failed to load."""
+
+
+class OverloadedError(MidserveError):
+    """The batch queue is full; the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class DeadlineExceededError(MidserveError):
+    """A request did not finish within its deadline."""

@@ -1,0 +1,1 @@
+"""Test-time augmentation: view plans, preprocessing and averaging."""

@@ -1,0 +1,139 @@
+"""Decode once, resize once, normalise once; views are then slices of one tensor."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import ImageTooLargeError, InvalidImageError
+from app.model_config import ModelConfig
+from app.tta.views import View
+
+# Formats a browser or camera produces; anything else (SVG, PDF, EPS, ...) is refused.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 16.0
+
+
+@dataclass
+class PreparedImage:
+    """The one normalised tensor every view of this image is cut from."""
+
+    tensor: torch.Tensor  # [3, H, W] float32, normalised, on the model's device
+    original_size: tuple[int, int]  # (width, height) after EXIF orientation
+    format: str
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        return int(self.tensor.shape[2]), int(self.tensor.shape[1])
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB. 16-bit and float modes are rescaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, str]:
+    """Bytes -> (upright RGB PIL image, format), or a domain error saying what is wrong."""
+    if not data:
+        raise InvalidImageError("empty image: no bytes received")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise InvalidImageError(
+                "not a recognised image (expected JPEG, PNG, GIF, WebP, BMP or TIFF)"
+            ) from exc
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"image has too many pixels: {exc}") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InvalidImageError(f"cannot read image header: {exc}") from exc
+        if img.format not in ALLOWED_FORMATS:
+            raise InvalidImageError(f"image format {img.format} is not accepted")
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise InvalidImageError(f"image has zero size ({width}x{height})")
+        if width * height > limits.max_pixels:
+            raise ImageTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels; "
+                f"the limit is {limits.max_pixels}"
+            )
+        ratio = max(width, height) / min(width, height)
+        if ratio > limits.max_aspect_ratio:
+            raise InvalidImageError(
+                f"image is {width}x{height}, aspect ratio {ratio:.1f} > "
+                f"{limits.max_aspect_ratio:g}; crop it before classifying"
+            )
+        try:
+            img.seek(0)  # animated GIF/WebP: the first frame
+            img.load()
+            image_format = str(img.format)
+            upright = ImageOps.exif_transpose(img) or img
+            return _to_rgb(upright), image_format
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(f"image has too many pixels: {exc}") from exc
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise InvalidImageError(f"cannot decode image (truncated or corrupt?): {exc}") from exc
+
+
+def resized_shape(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """Shorter side to ``shorter``, aspect kept; truncation as torchvision's Resize(int)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def prepare_image(
+    img: Image.Image, cfg: ModelConfig, device: torch.device, image_format: str = ""
+) -> PreparedImage:
+    """Resize once with the model's interpolation, then normalise once on ``device``."""
+    w, h = img.size
+    new_w, new_h = resized_shape(w, h, cfg.resize_size)
+    resized = img.resize((new_w, new_h), _RESAMPLE[cfg.interpolation])
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())  # [H, W, 3]
+    tensor = pixels.to(device, non_blocking=True).permute(2, 0, 1).float()
+    mean = torch.tensor(cfg.mean, device=device).view(3, 1, 1) * 255.0
+    std = torch.tensor(cfg.std, device=device).view(3, 1, 1) * 255.0
+    tensor = (tensor - mean) / std
+    return PreparedImage(tensor=tensor, original_size=(w, h), format=image_format)
+
+
+def load_and_prepare(
+    data: bytes, cfg: ModelConfig, device: torch.device, limits: DecodeLimits
+) -> PreparedImage:
+    img, image_format = decode_image(data, limits)
+    return prepare_image(img, cfg, device, image_format)
+
+
+def cut_views(image: PreparedImage, views: list[View]) -> torch.Tensor:
+    """Stack the views on the batch dimension: slices of the one tensor, flipped where asked."""
+    t = image.tensor
+    crops = []
+    for v in views:
+        crop = t[:, v.y : v.y + v.size, v.x : v.x + v.size]
+        crops.append(crop.flip(-1) if v.flip else crop)
+    return torch.stack(crops)

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import Engine
+from app.repository import ModelRepository
+from tests.helpers import SAMPLES_MISSING, make_tiny_model, sample_files
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with one tiny real network (10 classes, 64 px views)."""
+    root = tmp_path_factory.mktemp("models")
+    make_tiny_model(root, "tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_repo: Path) -> Engine:
+    return Engine(ModelRepository(tiny_repo).load("tiny", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def lite0_engine() -> Engine:
+    """The embedded default model with its real ImageNet weights."""
+    from app.repository import default_models_dir
+
+    return Engine(ModelRepository(default_models_dir()).load("tf_efficientnet_lite0", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def samples() -> list[Path]:
+    files = sample_files()
+    if not files:
+        pytest.skip(SAMPLES_MISSING)
+    return files

@@ -1,0 +1,78 @@
+"""Shared test helpers: tiny real models written into a real model repository."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from app.model_config import ModelConfig, WeightsSource, write_model_config
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES_DIR = PROJECT_ROOT.parent / "shared" / "data" / "imagenet-samples"
+SAMPLES_MISSING = "shared/data/imagenet-samples is absent (../shared beside the checkout)"
+
+
+def make_tiny_model(
+    root: Path,
+    name: str = "tiny",
+    *,
+    arch: str = "test_efficientnet",
+    num_classes: int = 10,
+    input_size: int = 64,
+    crop_pct: float = 0.8,
+    seed: int = 0,
+    interpolation: str = "bilinear",
+) -> ModelConfig:
+    """A real timm network with seeded random weights, saved as a model-repository entry."""
+    torch.manual_seed(seed)
+    net = timm.create_model(arch, pretrained=False, num_classes=num_classes).eval()
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()},
+        str(folder / "weights.safetensors"),
+    )
+    cfg = ModelConfig(
+        name=name,
+        arch=arch,
+        weights=WeightsSource(kind="file", path="weights.safetensors"),
+        num_classes=num_classes,
+        input_size=input_size,
+        crop_pct=crop_pct,
+        interpolation=interpolation,  # type: ignore[arg-type]
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        labels="none",
+        default_views="fixed:5,mfixed:5",
+    )
+    write_model_config(cfg, folder)
+    return cfg
+
+
+def image_bytes(
+    width: int = 120,
+    height: int = 90,
+    fmt: str = "PNG",
+    mode: str = "RGB",
+    seed: int = 0,
+    **save_kwargs: object,
+) -> bytes:
+    """A random-noise image encoded in ``fmt``."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def sample_files() -> list[Path]:
+    return sorted(SAMPLES_DIR.glob("*.JPEG")) if SAMPLES_DIR.is_dir() else []
