@@ -32,6 +32,12 @@ def make_tiny_model(
     """A real timm network with seeded random weights, saved as a model-repository entry."""
     torch.manual_seed(seed)
     net = timm.create_model(arch, pretrained=False, num_classes=num_classes).eval()
+    # Random init gives near-uniform outputs; rescale the classifier so logits spread
+    # (std about 3), making averaging levels and predictions distinguishable in tests.
+    with torch.no_grad():
+        probe = net(torch.randn(8, 3, input_size, input_size))
+        head = net.get_classifier()
+        head.weight.mul_(3.0 / float(probe.std().clamp_min(1e-6)))
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     save_file(

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import PROJECT_ROOT, image_bytes
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_classify_json_reports_each_image_in_order(tiny_repo: Path, tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(image_bytes(100, 80))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    other = tmp_path / "other.png"
+    other.write_bytes(image_bytes(70, 90, seed=3))
+    res = run_cli(
+        "classify",
+        "--models-dir",
+        str(tiny_repo),
+        "--model",
+        "tiny",
+        "--json",
+        "--views",
+        "fixed:5,random:4",
+        "--seed",
+        "1",
+        "--top-k",
+        "2",
+        str(good),
+        str(bad),
+        str(other),
+        str(tmp_path / "missing.png"),
+    )
+    assert res.returncode == 1, res.stderr  # some failed
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [x["file"] for x in lines] == [
+        str(good),
+        str(bad),
+        str(other),
+        str(tmp_path / "missing.png"),
+    ]
+    assert "error" in lines[1] and "not a recognised image" in lines[1]["error"]
+    assert "error" in lines[3]
+    for ok in (lines[0], lines[2]):
+        assert ok["views"] == 9 and ok["seed"] == 1 and len(ok["top"]) == 2
+        assert set(ok["top"][0]) == {"index", "synset", "label", "prob"}
+
+
+def test_classify_crops_and_errors(tiny_repo: Path, tmp_path: Path) -> None:
+    img = tmp_path / "x.png"
+    img.write_bytes(image_bytes(100, 80))
+    res = run_cli(
+        "classify",
+        "--models-dir",
+        str(tiny_repo),
+        "--model",
+        "tiny",
+        "--json",
+        "--crops",
+        "12",
+        str(img),
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["views"] == 12 and out["spec"] == "fixed:5,mfixed:5,random:1,mrandom:1"
+    res = run_cli("classify", "--models-dir", str(tiny_repo), "--model", "nope", str(img))
+    assert res.returncode == 2 and "known models: tiny" in res.stderr
+    res = run_cli(
+        "classify", "--models-dir", str(tiny_repo), "--model", "tiny", "--views", "zoom:3", str(img)
+    )
+    assert res.returncode == 2 and "unknown view kind" in res.stderr

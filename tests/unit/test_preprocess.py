@@ -1,0 +1,135 @@
+"""Awkward uploads: each gives a clear domain error or a correct prediction, never a crash."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.engine import Engine
+from app.errors import ImageTooLargeError, InvalidImageError
+from app.tta.preprocess import DecodeLimits, decode_image, resized_shape
+from app.tta.views import parse_view_spec
+from tests.helpers import image_bytes
+
+CENTER = parse_view_spec("center")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge canvas (a decompression bomb)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise(w: int, h: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+REFUSED: list[tuple[str, bytes, type[Exception], str]] = [
+    ("empty", b"", InvalidImageError, "empty"),
+    ("text", b"hello, I am not an image", InvalidImageError, "not a recognised image"),
+    ("truncated jpeg", image_bytes(200, 150, fmt="JPEG")[:600], InvalidImageError, "(?i)truncated"),
+    ("truncated png", image_bytes(200, 150, fmt="PNG")[:500], InvalidImageError, "decode"),
+    ("bomb", _png_header_only(60000, 60000), ImageTooLargeError, "pixels"),
+    ("1x5000", image_bytes(1, 5000), InvalidImageError, "aspect ratio"),
+    ("20000x1", image_bytes(20000, 1), InvalidImageError, "aspect ratio"),
+    (
+        "svg",
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        InvalidImageError,
+        "not a recognised image",
+    ),
+    (
+        "pdf",
+        b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF",
+        InvalidImageError,
+        "not a recognised image",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "error", "needle"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_bad_images_are_refused_clearly(
+    tiny_engine: Engine, case: str, data: bytes, error: type[Exception], needle: str
+) -> None:
+    with pytest.raises(error, match=needle):
+        tiny_engine.classify(data, CENTER)
+
+
+def _accepted() -> list[tuple[str, bytes]]:
+    rgb = Image.fromarray(_noise(90, 70), "RGB")
+    rgba = Image.fromarray(np.dstack([_noise(90, 70), _noise(90, 70, 1)[..., :1]]), "RGBA")
+    sixteen = Image.fromarray((np.arange(90 * 70).reshape(70, 90) * 10).astype(np.uint16))
+    return [
+        ("cmyk jpeg", _encode(rgb.convert("CMYK"), "JPEG")),
+        ("palette png", _encode(rgb.convert("P"), "PNG")),
+        ("palette png transparency", _encode(rgb.convert("P"), "PNG", transparency=3)),
+        ("16-bit png", _encode(sixteen, "PNG")),
+        ("rgba png", _encode(rgba, "PNG")),
+        ("grayscale", _encode(rgb.convert("L"), "PNG")),
+        ("1x1", image_bytes(1, 1)),
+        ("gif", _encode(rgb.convert("P"), "GIF")),
+        ("webp", _encode(rgb, "WEBP")),
+        ("bmp", _encode(rgb, "BMP")),
+        ("tiff", _encode(rgb, "TIFF")),
+    ]
+
+
+@pytest.mark.parametrize(("case", "data"), _accepted(), ids=[c[0] for c in _accepted()])
+def test_awkward_but_valid_images_are_classified(
+    tiny_engine: Engine, case: str, data: bytes
+) -> None:
+    pred = tiny_engine.classify(data, parse_view_spec("fixed:5"), top_k=3)
+    assert len(pred.views) == 5 and len(pred.top) == 3
+    assert abs(float(pred.probs.sum()) - 1.0) < 1e-4
+
+
+def test_sixteen_bit_is_rescaled_not_clipped() -> None:
+    img = Image.fromarray(np.full((10, 10), 32768, dtype=np.uint16))
+    rgb, fmt = decode_image(_encode(img, "PNG"), DecodeLimits())
+    assert fmt == "PNG" and rgb.mode == "RGB"
+    assert abs(int(np.asarray(rgb)[0, 0, 0]) - 128) <= 1
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.fromarray(_noise(80, 40), "RGB")  # landscape pixels ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... that the camera says must be rotated 90 degrees
+    rgb, _ = decode_image(_encode(img, "JPEG", exif=exif), DecodeLimits())
+    assert rgb.size == (40, 80)
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    frames = [Image.new("RGB", (30, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    rgb, _ = decode_image(buf.getvalue(), DecodeLimits())
+    r, _g, b = np.asarray(rgb)[5, 5]
+    assert r > 200 and b < 50
+
+
+def test_pixel_limit_is_configurable() -> None:
+    with pytest.raises(ImageTooLargeError, match="limit is 1000"):
+        decode_image(image_bytes(40, 40), DecodeLimits(max_pixels=1000))
+
+
+def test_resized_shape_keeps_aspect_like_torchvision() -> None:
+    assert resized_shape(500, 375, 256) == (341, 256)
+    assert resized_shape(375, 500, 256) == (256, 341)
+    assert resized_shape(256, 256, 256) == (256, 256)
