@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_queue_views: int = 512
     request_timeout_s: float = 30.0
     preprocess_workers: int = 2
+    body_read_timeout_s: float = 15.0  # per body chunk; ends slow-loris uploads
 
     # security
     auth_tokens: list[str] = []

@@ -1,0 +1,334 @@
+"""Routes: classify, model listing, probes, metrics. Routes never touch tensors."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.errors import (
+    UnauthorizedError,
+    UnsupportedMediaError,
+    classify_error,
+    error_body,
+    error_response,
+)
+from app.api.params import PARAM_NAMES, parse_classify_params
+from app.api.schemas import (
+    ClassifyResponse,
+    ErrorResponse,
+    ModelList,
+    ModelOut,
+    Readiness,
+)
+from app.config import Settings
+from app.errors import (
+    DeadlineExceededError,
+    InvalidImageError,
+    InvalidRequestError,
+    LimitExceededError,
+    MidserveError,
+    OverloadedError,
+)
+from app.service import ClassifyService, ModelSlot
+
+router = APIRouter()
+probes = APIRouter()
+
+
+def _service(request: Request) -> ClassifyService:
+    return request.app.state.service
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def require_token(request: Request) -> None:
+    """Bearer-token check when tokens are configured; constant time over every token."""
+    tokens: list[str] = request.app.state.tokens
+    if not tokens:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not ok:
+        raise UnauthorizedError("missing or invalid bearer token")
+
+
+def require_token_unless_open(request: Request) -> None:
+    if not _settings(request).open_probes:
+        require_token(request)
+
+
+async def read_images(
+    request: Request, settings: Settings
+) -> tuple[list[tuple[str | None, bytes]], dict[str, list[str]]]:
+    """The uploaded images (multipart field ``images`` or a raw image body) and form fields."""
+    ctype = request.headers.get("content-type", "").lower()
+    fields: dict[str, list[str]] = {}
+    if ctype.startswith("multipart/form-data"):
+        limit = settings.max_images_per_request
+        try:
+            form = await request.form(max_files=limit, max_fields=64)
+        except StarletteHTTPException as exc:
+            if "files" in str(exc.detail).lower():
+                msg = f"too many files: at most {limit} images per request"
+                raise LimitExceededError(msg) from exc
+            raise InvalidRequestError(f"malformed multipart body: {exc.detail}") from exc
+        images: list[tuple[str | None, bytes]] = []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "images":
+                    raise InvalidRequestError(f"file in field {key!r}; upload images as 'images'")
+                images.append((value.filename, await value.read()))
+            elif key in PARAM_NAMES:
+                fields.setdefault(key, []).append(value)
+        if not images:
+            raise InvalidRequestError("multipart body has no file in the field 'images'")
+        return images, fields
+    if ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
+        body = await request.body()
+        if not body:
+            raise InvalidImageError("empty body: no image bytes received")
+        return [(None, body)], fields
+    raise UnsupportedMediaError(
+        f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with files "
+        "in the field 'images', or a raw image body with Content-Type image/*"
+    )
+
+
+CLASSIFY_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {"name": "crops", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1},
+         "description": "number of views; the default policy turns it into a mix"},
+        {"name": "views", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "view mix, e.g. fixed:5,mfixed:5,random:10,mrandom:10"},
+        {"name": "level", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": ["feature", "logit", "softmax"]}},
+        {"name": "top_k", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "default": 5}},
+        {"name": "seed", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}},
+        {"name": "label", "in": "query", "required": False,
+         "schema": {"type": "array", "items": {"type": "string"}},
+         "description": "ground truth (class index or synset), one per image, for accuracy"},
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array",
+                                   "items": {"type": "string", "format": "binary"}},
+                        "crops": {"type": "integer"},
+                        "views": {"type": "string"},
+                        "level": {"type": "string"},
+                        "top_k": {"type": "integer"},
+                        "seed": {"type": "integer"},
+                        "label": {"type": "string"},
+                    },
+                    "required": ["images"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}  # fmt: skip
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 408, 413, 415, 422, 503, 504)}
+
+
+@router.post(
+    "/v1/models/{model}/classify",
+    response_model=ClassifyResponse,
+    responses=ERRORS,  # type: ignore[arg-type]
+    openapi_extra=CLASSIFY_OPENAPI,
+    dependencies=[Depends(require_token)],
+    summary="Classify images with matched test-time views",
+)
+async def classify(model: str, request: Request) -> Response:
+    started = time.perf_counter()
+    service, settings = _service(request), _settings(request)
+    slot = service.slot(model)
+    engine, _ = slot.ready()
+    level_for_metrics = "unknown"
+    service.metrics.in_flight.inc()
+    try:
+        images, fields = await read_images(request, settings)
+        raw: dict[str, list[str]] = {}
+        for key, value in request.query_params.multi_items():
+            raw.setdefault(key, []).append(value)
+        for key, values in fields.items():
+            raw.setdefault(key, []).extend(values)
+        params = parse_classify_params(raw, engine.cfg, engine.model.labels, settings, len(images))
+        level_for_metrics = params.level
+        deadline = started + settings.request_timeout_s
+        outcomes = await asyncio.gather(
+            *(
+                service.classify_image(
+                    slot, data, params.spec, params.level, params.top_k, params.seed, deadline
+                )
+                for _, data in images
+            ),
+            return_exceptions=True,
+        )
+        response = _classify_response(slot, images, params.labels, outcomes, started, service)
+    except MidserveError as exc:
+        response = error_response(exc)
+        service.metrics.errors.labels(model, classify_error(exc)[1]).inc()
+    finally:
+        service.metrics.in_flight.dec()
+    service.metrics.request_duration.labels(
+        model, level_for_metrics, str(response.status_code)
+    ).observe(time.perf_counter() - started)
+    return response
+
+
+def _classify_response(
+    slot: ModelSlot,
+    images: list[tuple[str | None, bytes]],
+    labels: list[int | None],
+    outcomes: list[Any],
+    started: float,
+    service: ClassifyService,
+) -> Response:
+    """Per-image results; a request-wide failure (overload, deadline) wins over the rest."""
+    for fatal in (OverloadedError, DeadlineExceededError):
+        for outcome in outcomes:
+            if isinstance(outcome, fatal):
+                raise outcome
+    for outcome in outcomes:  # anything that is not a domain error is a server bug: 500
+        if isinstance(outcome, BaseException) and not isinstance(outcome, MidserveError):
+            raise outcome
+    metrics = service.metrics
+    results: list[dict[str, Any]] = []
+    first_error: MidserveError | None = None
+    for index, ((filename, _), label, outcome) in enumerate(
+        zip(images, labels, outcomes, strict=True)
+    ):
+        if isinstance(outcome, MidserveError):
+            first_error = first_error or outcome
+            _, kind = classify_error(outcome)
+            metrics.images.labels(slot.name, "refused").inc()
+            metrics.errors.labels(slot.name, kind).inc()
+            entry = {
+                "index": index,
+                "file": filename,
+                "error": {"type": kind, "message": str(outcome)},
+            }
+            results.append(entry)
+            continue
+        metrics.images.labels(slot.name, "classified").inc()
+        body = outcome.to_json()
+        if label is not None:
+            ranked = outcome.probs.topk(min(5, outcome.probs.shape[0])).indices.tolist()
+            metrics.observe_accuracy(slot.name, outcome.level, outcome.spec, label, ranked)
+            body["label"] = label
+        results.append({"index": index, "file": filename, **body})
+    total_ms = round((time.perf_counter() - started) * 1000.0, 3)
+    if first_error is not None and len(results) == sum("error" in r for r in results):
+        status, kind = classify_error(first_error)
+        body = error_body(kind, str(first_error))
+        body["results"] = results
+        return JSONResponse(body, status_code=status)
+    return JSONResponse({"model": slot.name, "results": results, "timings_ms": {"total": total_ms}})
+
+
+def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
+    cfg = service.repository.config(slot.name) if slot.engine is None else slot.engine.cfg
+    s = service.settings
+    return ModelOut(
+        name=slot.name,
+        state=slot.state,
+        error=slot.error or None,
+        arch=cfg.arch,
+        description=cfg.description,
+        num_classes=cfg.num_classes,
+        input_size=cfg.input_size,
+        resize_size=cfg.resize_size,
+        crop_pct=cfg.crop_pct,
+        interpolation=cfg.interpolation,
+        mean=list(cfg.mean),
+        std=list(cfg.std),
+        default_views=cfg.default_views,
+        default_level=cfg.default_level,
+        parent=cfg.parent or None,
+        weights=cfg.weights.describe(),
+        device=str(slot.engine.device) if slot.engine else None,
+        dtype=s.dtype if slot.engine else None,
+        limits={
+            "max_views_per_request": s.max_views_per_request,
+            "max_images_per_request": s.max_images_per_request,
+            "max_body_bytes": s.max_body_bytes,
+            "max_pixels": s.max_pixels,
+            "max_aspect_ratio": s.max_aspect_ratio,
+            "max_top_k": min(s.max_top_k, cfg.num_classes),
+            "request_timeout_s": s.request_timeout_s,
+        },
+    )
+
+
+def _safe_model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut | None:
+    try:
+        return _model_out(service, slot)
+    except MidserveError:  # not in the repository at all (a typo in MIDSERVE_MODELS)
+        return None
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_token)])
+async def list_models(request: Request) -> ModelList:
+    service = _service(request)
+    outs = [_safe_model_out(service, slot) for slot in service.slots.values()]
+    return ModelList(models=[m for m in outs if m is not None])
+
+
+@router.get(
+    "/v1/models/{model}",
+    response_model=ModelOut,
+    responses={404: {"model": ErrorResponse}},
+    dependencies=[Depends(require_token)],
+)
+async def get_model(model: str, request: Request) -> ModelOut:
+    service = _service(request)
+    return _model_out(service, service.slot(model))
+
+
+@probes.get("/healthz", dependencies=[Depends(require_token_unless_open)])
+async def healthz() -> dict[str, str]:
+    """Alive: the process answers (models may still be loading)."""
+    return {"status": "ok"}
+
+
+@probes.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness}},
+    dependencies=[Depends(require_token_unless_open)],
+)
+async def readyz(request: Request) -> Response:
+    """Ready: every configured model is loaded and warmed up; 503 names the ones that are not."""
+    service = _service(request)
+    models = {
+        name: {"state": slot.state, **({"error": slot.error} if slot.error else {})}
+        for name, slot in service.slots.items()
+    }
+    body = Readiness(ready=service.ready, models=models).model_dump()
+    return JSONResponse(body, status_code=200 if service.ready else 503)
+
+
+@probes.get("/metrics", dependencies=[Depends(require_token_unless_open)])
+async def metrics(request: Request) -> Response:
+    registry = _service(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

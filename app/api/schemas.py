@@ -1,0 +1,80 @@
+"""Response bodies, as documented in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class TopClassOut(BaseModel):
+    index: int
+    synset: str
+    label: str
+    prob: float
+
+
+class ViewBoxOut(BaseModel):
+    kind: str
+    flip: bool
+    box: list[float] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels")
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ImageResult(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    file: str | None = None
+    top: list[TopClassOut] | None = None
+    level: str | None = None
+    views: int | None = None
+    spec: str | None = None
+    seed: int | None = None
+    label: int | None = None
+    view_boxes: list[ViewBoxOut] | None = None
+    view_top1: list[TopClassOut] | None = None
+    timings_ms: dict[str, float] | None = None
+    error: ErrorDetail | None = None
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    results: list[ImageResult]
+    timings_ms: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    results: list[ImageResult] | None = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    state: str
+    error: str | None = None
+    arch: str
+    description: str
+    num_classes: int
+    input_size: int
+    resize_size: int
+    crop_pct: float
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+    default_views: str
+    default_level: str
+    parent: str | None = None
+    weights: str
+    device: str | None = None
+    dtype: str | None = None
+    limits: dict[str, float]
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, dict[str, str]]

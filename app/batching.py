@@ -1,0 +1,278 @@
+"""Cross-request batching, counted in views, with a bounded queue.
+
+Each request submits the stacked views of one image. The batcher packs views of concurrent
+requests into forward passes of at most ``max_batch_views`` (splitting a request across
+passes when needed), flushing on size or after ``max_wait_s``. One Future per request;
+results go back in view order; a failing forward fails only the requests in that batch.
+When the queue holds ``max_queue_views``, new work is refused at once (503 upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine import ViewOutputs
+from app.errors import OverloadedError
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchTimings:
+    queue_wait_s: float = 0.0
+    forward_s: float = 0.0
+    batches: int = 0
+
+
+@dataclass
+class _Job:
+    views: torch.Tensor
+    future: asyncio.Future[tuple[ViewOutputs, BatchTimings]]
+    enqueued_at: float
+    done: list[tuple[int, ViewOutputs]] = field(default_factory=list)
+    done_views: int = 0
+    timings: BatchTimings = field(default_factory=BatchTimings)
+    started: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(self.views.shape[0])
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
+class _Piece:
+    job: _Job
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def split_on_oom(
+    run: Callable[[torch.Tensor], ViewOutputs],
+) -> Callable[[torch.Tensor], ViewOutputs]:
+    """On CUDA out-of-memory, free the cache and retry once as two half batches."""
+
+    def guarded(batch: torch.Tensor) -> ViewOutputs:
+        try:
+            return run(batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch.shape[0] < 2:
+                raise
+            log.warning("CUDA out of memory at %d views; retrying as two halves", batch.shape[0])
+            torch.cuda.empty_cache()
+            half = batch.shape[0] // 2
+            a, b = run(batch[:half]), run(batch[half:])
+            return ViewOutputs(torch.cat([a.features, b.features]), torch.cat([a.logits, b.logits]))
+
+    return guarded
+
+
+class ViewBatcher:
+    """One per served model; forwards run one at a time on a dedicated thread."""
+
+    def __init__(
+        self,
+        model_name: str,
+        run: Callable[[torch.Tensor], ViewOutputs],
+        *,
+        max_batch_views: int,
+        max_wait_s: float,
+        max_queue_views: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_views < 1 or max_queue_views < 1:
+            raise ValueError("max_batch_views and max_queue_views must be positive")
+        self.model_name = model_name
+        self._run = split_on_oom(run)
+        self.max_batch_views = max_batch_views
+        self.max_wait_s = max_wait_s
+        self.max_queue_views = max_queue_views
+        self.metrics = metrics
+        self._pending: deque[_Piece] = deque()
+        self._queued_views = 0
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{model_name}")
+        self._task: asyncio.Task[None] | None = None
+        self._views_per_s = 0.0  # moving estimate, for Retry-After
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for piece in self._pending:
+            if not piece.job.abandoned:
+                piece.job.future.set_exception(RuntimeError("server is shutting down"))
+        self._pending.clear()
+        self._set_queue(0)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued_views(self) -> int:
+        return self._queued_views
+
+    # -- submitting -----------------------------------------------------------------
+    def retry_after_s(self) -> float:
+        if self._views_per_s <= 0:
+            return 1.0
+        return max(1.0, self._queued_views / self._views_per_s)
+
+    async def submit(
+        self, views: torch.Tensor, timeout_s: float
+    ) -> tuple[ViewOutputs, BatchTimings]:
+        """Queue the views of one image; raises OverloadedError when the queue is full and
+        TimeoutError after ``timeout_s`` (its queued views are then dropped, not run)."""
+        n = int(views.shape[0])
+        if self._queued_views + n > self.max_queue_views:
+            raise OverloadedError(
+                f"queue full ({self._queued_views} views waiting, limit {self.max_queue_views})",
+                retry_after_s=self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(views=views, future=loop.create_future(), enqueued_at=time.perf_counter())
+        for start in range(0, n, self.max_batch_views):
+            self._pending.append(_Piece(job, start, min(n, start + self.max_batch_views)))
+        self._set_queue(self._queued_views + n)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            self._abandon(job)
+            raise
+
+    def _abandon(self, job: _Job) -> None:
+        """Drop a timed-out or cancelled request's queued views so no forward runs them."""
+        if not job.future.done():
+            job.future.cancel()
+        kept = [p for p in self._pending if p.job is not job]
+        dropped = sum(p.size for p in self._pending if p.job is job)
+        self._pending = deque(kept)
+        self._set_queue(self._queued_views - dropped)
+
+    def _set_queue(self, views: int) -> None:
+        self._queued_views = views
+        if self.metrics:
+            self.metrics.queue_views.labels(self.model_name).set(views)
+
+    # -- the worker -----------------------------------------------------------------
+    def _take_batch(self) -> list[_Piece]:
+        """Up to max_batch_views views in arrival order; a piece that does not fit is split."""
+        room = self.max_batch_views
+        batch: list[_Piece] = []
+        while self._pending and room > 0:
+            piece = self._pending[0]
+            if piece.job.abandoned:
+                self._pending.popleft()
+                self._set_queue(self._queued_views - piece.size)
+                continue
+            if piece.size <= room:
+                self._pending.popleft()
+                taken = piece
+            else:
+                taken = _Piece(piece.job, piece.start, piece.start + room)
+                piece.start += room
+            batch.append(taken)
+            room -= taken.size
+            self._set_queue(self._queued_views - taken.size)
+        return batch
+
+    async def _gather(self) -> None:
+        """Wait for work, then up to max_wait_s more while the batch is not full."""
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        deadline = time.perf_counter() + self.max_wait_s
+        while self._queued_views < self.max_batch_views:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), left)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._gather()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            now = time.perf_counter()
+            jobs = {id(p.job): p.job for p in batch}
+            for job in jobs.values():
+                if not job.started:
+                    job.started = True
+                    job.timings.queue_wait_s = now - job.enqueued_at
+            stacked = torch.cat([p.job.views[p.start : p.stop] for p in batch])
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, stacked)
+                if outputs.logits.shape[0] != stacked.shape[0]:
+                    raise RuntimeError(
+                        f"forward returned {outputs.logits.shape[0]} rows for "
+                        f"{stacked.shape[0]} views"
+                    )
+            except Exception as exc:  # the forward failed: fail this batch's requests only
+                log.exception("forward of %d views failed", stacked.shape[0])
+                for job in jobs.values():
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                    self._abandon(job)
+                continue
+            elapsed = time.perf_counter() - now
+            self._record(len(jobs), int(stacked.shape[0]), elapsed)
+            self._deliver(batch, outputs, elapsed)
+
+    def _record(self, n_jobs: int, n_views: int, elapsed: float) -> None:
+        rate = n_views / max(elapsed, 1e-6)
+        self._views_per_s = rate if self._views_per_s == 0 else 0.8 * self._views_per_s + 0.2 * rate
+        if self.metrics:
+            self.metrics.batch_views.labels(self.model_name).observe(n_views)
+            self.metrics.batch_requests.labels(self.model_name).observe(n_jobs)
+
+    @staticmethod
+    def _deliver(batch: list[_Piece], outputs: ViewOutputs, elapsed: float) -> None:
+        offset = 0
+        counted: set[int] = set()
+        for piece in batch:
+            rows = slice(offset, offset + piece.size)
+            offset += piece.size
+            job = piece.job
+            if id(job) not in counted:
+                counted.add(id(job))
+                job.timings.forward_s += elapsed
+                job.timings.batches += 1
+            if job.future.done():
+                continue
+            job.done.append(
+                (piece.start, ViewOutputs(outputs.features[rows], outputs.logits[rows]))
+            )
+            job.done_views += piece.size
+            if job.done_views == job.size:
+                parts = [out for _, out in sorted(job.done, key=lambda item: item[0])]
+                merged = ViewOutputs(
+                    torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts])
+                )
+                job.future.set_result((merged, job.timings))

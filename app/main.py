@@ -1,0 +1,95 @@
+"""create_app(): the FastAPI application. Heavy loading happens after start-up, in the
+background, so probes answer at once and /readyz tells when every model is warm."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.api.errors import install_error_handlers
+from app.api.middleware import BodyLimitMiddleware, RequestCountMiddleware
+from app.api.routes import probes, router
+from app.config import Settings, get_settings
+from app.metrics import Metrics
+from app.service import ClassifyService
+
+log = logging.getLogger(__name__)
+
+
+def _docs_assets() -> Path:
+    """Swagger UI / ReDoc files shipped in the fastapi-offline wheel (no CDN)."""
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).parent / "static"
+
+
+def _load_tokens(settings: Settings) -> list[str]:
+    tokens = [t for t in settings.auth_tokens if t]
+    if settings.auth_tokens_file is not None:
+        lines = settings.auth_tokens_file.read_text().splitlines()
+        tokens += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    return tokens
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+    service = ClassifyService(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(
+        title="midserve",
+        summary="Test-time augmentation (Matched Inference Distributions) for image classifiers",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.tokens = _load_tokens(settings)
+    install_error_handlers(app)
+    app.include_router(router)
+    app.include_router(probes)
+    app.add_middleware(RequestCountMiddleware, metrics=metrics)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        read_timeout_s=settings.body_read_timeout_s,
+    )
+    app.mount("/static/docs", StaticFiles(directory=_docs_assets()), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="midserve API",
+            swagger_js_url="/static/docs/swagger-ui-bundle.js",
+            swagger_css_url="/static/docs/swagger-ui.css",
+            swagger_favicon_url="/static/docs/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="midserve API",
+            redoc_js_url="/static/docs/redoc.standalone.js",
+            redoc_favicon_url="/static/docs/favicon.png",
+            with_google_fonts=False,
+        )
+
+    return app

@@ -1,0 +1,160 @@
+"""Every Prometheus metric midserve exposes, defined once.
+
+Each app gets its own CollectorRegistry (no global state), so tests can build many apps in
+one process. Names follow Prometheus conventions: ``midserve_`` prefix, base units
+(seconds, bytes), ``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+VIEW_BUCKETS = (1, 2, 4, 5, 8, 10, 16, 20, 30, 32, 40, 64, 128, 256, 512)
+STAGES = ("decode", "preprocess", "queue_wait", "forward", "postprocess")
+
+
+class _CappedLabel:
+    """Keeps a client-chosen label value (the view policy) from exploding cardinality."""
+
+    def __init__(self, limit: int = 50) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return "other"
+
+
+class _CudaMemoryCollector(Collector):
+    """GPU memory read at scrape time; nothing is exported on a CPU-only host."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        allocated = GaugeMetricFamily(
+            "midserve_gpu_memory_allocated_bytes", "Memory held by tensors", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "midserve_gpu_memory_reserved_bytes", "Memory reserved by torch", labels=["device"]
+        )
+        for i in range(torch.cuda.device_count()):
+            allocated.add_metric([f"cuda:{i}"], float(torch.cuda.memory_allocated(i)))
+            reserved.add_metric([f"cuda:{i}"], float(torch.cuda.memory_reserved(i)))
+        yield allocated
+        yield reserved
+
+
+class Metrics:
+    """The service's metrics; one instance per app."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "midserve_request_duration_seconds",
+            "Classify request latency, end to end inside the server",
+            ["model", "level", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "midserve_stage_duration_seconds",
+            "Time per pipeline stage (decode, preprocess, queue_wait, forward, postprocess)",
+            ["model", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.views_per_request = Histogram(
+            "midserve_views_per_request", "Views classified per image", ["model"],
+            buckets=VIEW_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_views = Histogram(
+            "midserve_batch_views", "Views per forward pass (batch fill)", ["model"],
+            buckets=VIEW_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_requests = Histogram(
+            "midserve_batch_requests", "Distinct requests sharing one forward pass", ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r,
+        )  # fmt: skip
+        self.queue_views = Gauge(
+            "midserve_queue_views", "Views waiting for a forward pass", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "midserve_in_flight_requests", "Classify requests being processed", registry=r
+        )
+        self.requests = Counter(
+            "midserve_requests_total", "HTTP requests by route and status code",
+            ["route", "status"], registry=r,
+        )  # fmt: skip
+        self.images = Counter(
+            "midserve_images_total", "Images classified or refused, by outcome",
+            ["model", "outcome"], registry=r,
+        )  # fmt: skip
+        self.errors = Counter(
+            "midserve_errors_total", "Errors answered, by model and error type",
+            ["model", "type"], registry=r,
+        )  # fmt: skip
+        self.labelled = Counter(
+            "midserve_labelled_images_total", "Images that came with a ground-truth label",
+            ["model", "level", "policy"], registry=r,
+        )  # fmt: skip
+        self.top1_hits = Counter(
+            "midserve_top1_hits_total", "Labelled images whose top-1 class was right",
+            ["model", "level", "policy"], registry=r,
+        )  # fmt: skip
+        self.top5_hits = Counter(
+            "midserve_top5_hits_total", "Labelled images whose label was in the top 5",
+            ["model", "level", "policy"], registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "midserve_model_info", "Served model (value 1) with its architecture and weights",
+            ["model", "arch", "input_size", "crop_pct", "weights", "device", "dtype"],
+            registry=r,
+        )  # fmt: skip
+        self.model_ready = Gauge(
+            "midserve_model_ready", "1 when the model is loaded and warmed up", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.eval_top1 = Gauge(
+            "midserve_eval_top1", "Offline evaluation top-1 accuracy (0-1)",
+            ["model", "config", "dataset"], registry=r,
+        )  # fmt: skip
+        self.eval_top5 = Gauge(
+            "midserve_eval_top5", "Offline evaluation top-5 accuracy (0-1)",
+            ["model", "config", "dataset"], registry=r,
+        )  # fmt: skip
+        self.eval_images = Gauge(
+            "midserve_eval_images", "Images in the offline evaluation",
+            ["model", "config", "dataset"], registry=r,
+        )  # fmt: skip
+        r.register(_CudaMemoryCollector())
+        self.policy_label = _CappedLabel()
+
+    def observe_accuracy(
+        self, model: str, level: str, policy: str, label: int, ranked: Iterable[int]
+    ) -> None:
+        """Count one labelled image; ``ranked`` are class indices, best first (at least 5)."""
+        top5 = list(ranked)[:5]
+        policy = self.policy_label(policy)
+        self.labelled.labels(model, level, policy).inc()
+        if top5 and top5[0] == label:
+            self.top1_hits.labels(model, level, policy).inc()
+        if label in top5:
+            self.top5_hits.labels(model, level, policy).inc()

@@ -1,0 +1,199 @@
+"""The served models and the per-image request pipeline (no HTTP in here).
+
+Models load in the background after start-up, so ``/healthz`` answers at once and
+``/readyz`` says which models are still loading or failed; a model that fails to load does
+not stop the others from serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from app.batching import ViewBatcher
+from app.config import Settings
+from app.engine import Engine, Prediction, pick_device
+from app.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    UnknownModelError,
+)
+from app.metrics import Metrics
+from app.repository import ModelRepository
+from app.tta.averaging import Level
+from app.tta.preprocess import DecodeLimits, PreparedImage, cut_views, decode_image, prepare_image
+from app.tta.views import View, ViewSpec
+
+log = logging.getLogger(__name__)
+State = Literal["loading", "ready", "failed"]
+
+
+@dataclass
+class ModelSlot:
+    name: str
+    state: State = "loading"
+    error: str = ""
+    engine: Engine | None = None
+    batcher: ViewBatcher | None = None
+
+    def ready(self) -> tuple[Engine, ViewBatcher]:
+        if self.state != "ready" or self.engine is None or self.batcher is None:
+            why = self.error if self.state == "failed" else "still loading"
+            raise ModelNotReadyError(f"model {self.name!r} is not ready: {why}")
+        return self.engine, self.batcher
+
+
+@dataclass
+class Prepared:
+    """An image decoded, resized, planned and cut into views (CPU work done off the loop)."""
+
+    image: PreparedImage
+    views: list[View]
+    seed: int
+    batch: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ClassifyService:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.repository = ModelRepository(settings.models_dir)
+        self.slots: dict[str, ModelSlot] = {}
+        self.device = pick_device(settings.device)
+        self.limits = DecodeLimits(settings.max_pixels, settings.max_aspect_ratio)
+        self._pre_pool = ThreadPoolExecutor(settings.preprocess_workers, "preprocess")
+        self._load_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def served_names(self) -> list[str]:
+        wanted = self.settings.models
+        if wanted == ["all"]:
+            return [n for n in self.repository.names() if self.repository.available(n)[0]]
+        return list(dict.fromkeys(wanted))
+
+    async def start(self) -> None:
+        if self.settings.threads > 0:
+            torch.set_num_threads(self.settings.threads)
+        for name in self.served_names():
+            self.slots[name] = ModelSlot(name)
+            self.metrics.model_ready.labels(name).set(0)
+        self._load_task = asyncio.get_running_loop().create_task(self._load_all())
+
+    async def _load_all(self) -> None:
+        for slot in self.slots.values():
+            try:
+                engine = await asyncio.to_thread(self._load_and_warm, slot.name)
+            except Exception as exc:  # any loading failure: report it, keep the others
+                log.exception("model %s failed to load", slot.name)
+                slot.state, slot.error = "failed", str(exc) or type(exc).__name__
+                continue
+            s = self.settings
+            batcher = ViewBatcher(
+                slot.name,
+                engine.run_views,
+                max_batch_views=s.max_batch_views or engine.chunk_views,
+                max_wait_s=s.max_wait_ms / 1000.0,
+                max_queue_views=max(s.max_queue_views, 1),
+                metrics=self.metrics,
+            )
+            batcher.start()
+            slot.engine, slot.batcher, slot.state = engine, batcher, "ready"
+            cfg = engine.cfg
+            self.metrics.model_info.labels(
+                slot.name, cfg.arch, str(cfg.input_size), str(cfg.crop_pct),
+                cfg.weights.describe(), str(engine.device), self.settings.dtype,
+            ).set(1)  # fmt: skip
+            self.metrics.model_ready.labels(slot.name).set(1)
+            log.info("model %s ready on %s", slot.name, engine.device)
+
+    def _load_and_warm(self, name: str) -> Engine:
+        model = self.repository.load(name, self.device)
+        engine = Engine(model, self.settings.dtype, self.settings.chunk_views, self.limits)
+        if self.settings.warmup:
+            size = model.cfg.input_size
+            engine.run_views(torch.zeros(engine.chunk_views, 3, size, size))
+        return engine
+
+    async def wait_loaded(self) -> None:
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        for slot in self.slots.values():
+            if slot.batcher is not None:
+                await slot.batcher.stop()
+        self._pre_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.slots) and all(s.state == "ready" for s in self.slots.values())
+
+    def slot(self, name: str) -> ModelSlot:
+        if name not in self.slots:
+            raise UnknownModelError(name, list(self.slots))
+        return self.slots[name]
+
+    # -- one image ------------------------------------------------------------------
+    def _prepare(self, engine: Engine, data: bytes, spec: ViewSpec, seed: int | None) -> Prepared:
+        t0 = time.perf_counter()
+        img, fmt = decode_image(data, self.limits)
+        t1 = time.perf_counter()
+        image = prepare_image(img, engine.cfg, engine.device, fmt)
+        views, used_seed = engine.plan(image, spec, seed)
+        batch = cut_views(image, views)
+        t2 = time.perf_counter()
+        return Prepared(image, views, used_seed, batch, {"decode": t1 - t0, "preprocess": t2 - t1})
+
+    async def classify_image(
+        self,
+        slot: ModelSlot,
+        data: bytes,
+        spec: ViewSpec,
+        level: Level,
+        top_k: int,
+        seed: int | None,
+        deadline: float,
+    ) -> Prediction:
+        engine, batcher = slot.ready()
+        if spec.total > self.settings.max_views_per_request:
+            raise InvalidRequestError(
+                f"{spec.total} views requested; the limit is {self.settings.max_views_per_request}"
+            )
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
+            self._pre_pool, self._prepare, engine, data, spec, seed
+        )
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise DeadlineExceededError("request deadline passed before its forward pass")
+        try:
+            outputs, batch_timings = await batcher.submit(prepared.batch, left)
+        except TimeoutError as exc:
+            raise DeadlineExceededError(
+                f"no result within {self.settings.request_timeout_s:g} s (server busy)"
+            ) from exc
+        t0 = time.perf_counter()
+        pred = engine.predict(
+            prepared.image, prepared.views, prepared.seed, str(spec), outputs, level, top_k
+        )
+        timings = {
+            **prepared.timings,
+            "queue_wait": batch_timings.queue_wait_s,
+            "forward": batch_timings.forward_s,
+            "postprocess": time.perf_counter() - t0,
+        }
+        pred.timings = timings
+        for stage, seconds in timings.items():
+            self.metrics.stage_duration.labels(slot.name, stage).observe(seconds)
+        self.metrics.views_per_request.labels(slot.name).observe(len(prepared.views))
+        return pred
