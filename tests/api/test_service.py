@@ -1,0 +1,196 @@
+"""The real server over real HTTP: endpoints, batching across requests, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.engine import Engine
+from app.tta.views import default_policy, parse_view_spec
+from tests.helpers import image_bytes
+from tests.server import scrape, total
+
+CLASSIFY = "/v1/models/tiny/classify"
+
+
+def test_probes_models_and_docs(server: str) -> None:
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server + "/readyz")
+    assert ready.status_code == 200 and ready.json()["models"]["tiny"]["state"] == "ready"
+    models = httpx.get(server + "/v1/models").json()["models"]
+    assert [m["name"] for m in models] == ["tiny"]
+    one = httpx.get(server + "/v1/models/tiny").json()
+    assert one["input_size"] == 64 and one["resize_size"] == 80
+    assert (
+        one["default_views"] == "fixed:5,mfixed:5" and one["limits"]["max_views_per_request"] == 40
+    )
+    docs = httpx.get(server + "/docs").text
+    assert "/static/docs/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    assert httpx.get(server + "/static/docs/swagger-ui-bundle.js").status_code == 200
+    spec = httpx.get(server + "/openapi.json").json()
+    assert "/v1/models/{model}/classify" in spec["paths"]
+    assert httpx.get(server + "/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_multipart_and_raw_body_agree(server: str, tiny_engine: Engine) -> None:
+    data = image_bytes(120, 90, seed=1)
+    multi = httpx.post(
+        server + CLASSIFY,
+        params={"views": "fixed:5,random:2", "seed": 4},
+        files=[("images", ("a.png", data, "image/png"))],
+    ).json()
+    raw = httpx.post(
+        server + CLASSIFY + "?views=fixed:5,random:2&seed=4",
+        content=data,
+        headers={"content-type": "image/png"},
+    ).json()
+    a, b = multi["results"][0], raw["results"][0]
+    assert a["file"] == "a.png" and b["file"] is None
+    assert a["top"] == b["top"] and a["view_boxes"] == b["view_boxes"]
+    local = tiny_engine.classify(data, parse_view_spec("fixed:5,random:2"), top_k=5, seed=4)
+    assert [t["index"] for t in a["top"]] == [t.index for t in local.top]
+    assert set(a["timings_ms"]) == {"decode", "preprocess", "queue_wait", "forward", "postprocess"}
+
+
+def test_form_fields_carry_parameters(server: str) -> None:
+    data = image_bytes(100, 100, seed=2)
+    res = httpx.post(
+        server + CLASSIFY,
+        data={"crops": "3", "level": "logit", "top_k": "2"},
+        files=[("images", ("x.png", data, "image/png"))],
+    )
+    body = res.json()["results"][0]
+    assert res.status_code == 200 and body["views"] == 3 and body["level"] == "logit"
+    assert len(body["top"]) == 2 and body["spec"] == "center:1,random:1,mrandom:1"
+
+
+def test_32_concurrent_requests_are_batched_and_correct(server: str, tiny_engine: Engine) -> None:
+    before = scrape(server)
+    cases = []
+    for i in range(32):
+        crops = (1, 3, 7, 10, 14)[i % 5]
+        level = ("feature", "logit", "softmax")[i % 3]
+        cases.append((image_bytes(90 + i, 70 + 2 * i, seed=100 + i), crops, level, 1000 + i))
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post(CLASSIFY, params={"crops": c, "level": lv, "seed": s, "top_k": 3},
+                            files=[("images", ("i.png", d, "image/png"))])
+                for d, c, lv, s in cases
+            ))  # fmt: skip
+
+    responses = asyncio.run(fire())
+    for (data, crops, level, seed), res in zip(cases, responses, strict=True):
+        assert res.status_code == 200, res.text
+        got = res.json()["results"][0]
+        want = tiny_engine.classify(data, default_policy(crops), level=level, top_k=3, seed=seed)
+        assert got["views"] == crops and got["seed"] == seed
+        assert [t["index"] for t in got["top"]] == [t.index for t in want.top]
+        torch.testing.assert_close(
+            torch.tensor([t["prob"] for t in got["top"]]),
+            torch.tensor([t.prob for t in want.top]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    after = scrape(server)
+    forwards = total(after, "midserve_batch_requests_count") - total(
+        before, "midserve_batch_requests_count"
+    )
+    requests_in_forwards = total(after, "midserve_batch_requests_sum") - total(
+        before, "midserve_batch_requests_sum"
+    )
+    views = total(after, "midserve_batch_views_sum") - total(before, "midserve_batch_views_sum")
+    assert views == sum(c for _, c, _, _ in cases)  # every view ran exactly once
+    # requests shared forward passes: fewer forwards than request pieces
+    assert forwards < 32 and requests_in_forwards / forwards > 1.5, (forwards, requests_in_forwards)
+
+
+def test_metrics_histograms_and_accuracy_counters(server: str) -> None:
+    before = scrape(server)
+    data = [image_bytes(80, 80, seed=s) for s in range(3)]
+    # learn what the model predicts, then label one image right and two wrong
+    first = httpx.post(
+        server + CLASSIFY,
+        params={"crops": 5},
+        files=[("images", ("a.png", d, "image/png")) for d in data],
+    ).json()
+    tops = [r["top"] for r in first["results"]]
+    right = tops[0][0]["index"]
+    outside_top5 = [i for i in range(10) if i not in [t["index"] for t in tops[1]]][0]
+    second_in_top5 = tops[2][1]["index"]  # rank 2: a top-5 hit, not a top-1 hit
+    labels = f"{right},{outside_top5},{second_in_top5}"
+    res = httpx.post(
+        server + CLASSIFY,
+        params={"crops": 5, "label": labels},
+        files=[("images", ("a.png", d, "image/png")) for d in data],
+    )
+    assert res.status_code == 200
+    after = scrape(server)
+
+    def moved(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    sel = {"model": "tiny", "level": "softmax", "policy": "fixed:5"}
+    assert moved("midserve_labelled_images_total", **sel) == 3
+    assert moved("midserve_top1_hits_total", **sel) == 1
+    assert moved("midserve_top5_hits_total", **sel) == 2
+    assert moved("midserve_views_per_request_count", model="tiny") == 6
+    assert moved("midserve_views_per_request_sum", model="tiny") == 30
+    ok = {"model": "tiny", "level": "softmax", "status": "200"}
+    assert moved("midserve_request_duration_seconds_count", **ok) == 2
+    for stage in ("decode", "preprocess", "queue_wait", "forward", "postprocess"):
+        assert moved("midserve_stage_duration_seconds_count", model="tiny", stage=stage) == 6
+    # buckets are cumulative and end at +Inf == count
+    buckets = sorted(
+        (float(k.split('le="')[1].split('"')[0]), v) for k, v in after.items()
+        if k.startswith("midserve_stage_duration_seconds_bucket") and 'stage="forward"' in k
+    )  # fmt: skip
+    values = [v for _, v in buckets]
+    assert values == sorted(values) and buckets[-1][0] == float("inf")
+    assert buckets[-1][1] == total(
+        after, "midserve_stage_duration_seconds_count", model="tiny", stage="forward"
+    )
+    assert total(after, "midserve_model_info", model="tiny", arch="test_efficientnet") == 1
+    assert total(after, "midserve_model_ready", model="tiny") == 1
+    assert moved("midserve_requests_total", route="/v1/models/{model}/classify", status="200") == 2
+
+
+@pytest.mark.parametrize("wait_ready", [False])
+def test_unready_model_reports_why(tmp_path: Path, tiny_repo: Path, wait_ready: bool) -> None:
+    """A model whose weights fail to load: the server starts and /readyz names it."""
+    import shutil
+
+    from tests.server import running_server
+
+    shutil.copytree(tiny_repo / "tiny", tmp_path / "tiny")
+    shutil.copytree(tiny_repo / "tiny", tmp_path / "broken")
+    (tmp_path / "broken" / "weights.safetensors").write_bytes(b"garbage")
+    with running_server(tmp_path, models="tiny,broken", wait_ready=wait_ready) as base:
+        for _ in range(200):
+            ready = httpx.get(base + "/readyz").json()
+            if (
+                ready["models"]["broken"]["state"] != "loading"
+                and ready["models"]["tiny"]["state"] != "loading"
+            ):
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        assert ready["ready"] is False and ready["models"]["broken"]["state"] == "failed"
+        assert ready["models"]["broken"]["error"]
+        assert httpx.get(base + "/readyz").status_code == 503
+        res = httpx.post(
+            base + "/v1/models/broken/classify",
+            content=image_bytes(),
+            headers={"content-type": "image/png"},
+        )
+        assert res.status_code == 503 and res.json()["error"]["type"] == "model_not_ready"
+        ok = httpx.post(
+            base + "/v1/models/tiny/classify",
+            content=image_bytes(),
+            headers={"content-type": "image/png"},
+        )
+        assert ok.status_code == 200

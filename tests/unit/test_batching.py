@@ -1,0 +1,110 @@
+"""The view batcher in-process, around the tiny model's real forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from app.batching import ViewBatcher
+from app.engine import Engine, ViewOutputs
+from app.errors import OverloadedError
+from app.metrics import Metrics
+
+
+def _views(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+class Recorder:
+    """The real forward, recording batch sizes; views whose first pixel is NaN make it raise."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: torch.Tensor) -> ViewOutputs:
+        self.sizes.append(int(batch.shape[0]))
+        if torch.isnan(batch[:, 0, 0, 0]).any():
+            raise RuntimeError("poisoned batch")
+        return self.engine.run_views(batch)
+
+
+def _batcher(run: Recorder, **kw: float) -> ViewBatcher:
+    opts = {"max_batch_views": 10, "max_wait_s": 0.05, "max_queue_views": 100, **kw}
+    return ViewBatcher("tiny", run, metrics=Metrics(), **opts)  # type: ignore[arg-type]
+
+
+def test_requests_are_split_packed_and_returned_in_order(tiny_engine: Engine) -> None:
+    run = Recorder(tiny_engine)
+    inputs = [_views(n, i) for i, n in enumerate((25, 3, 4, 7))]
+
+    async def go() -> list[ViewOutputs]:
+        b = _batcher(run)
+        b.start()
+        outs = await asyncio.gather(*(b.submit(x, 10) for x in inputs))
+        await b.stop()
+        return [o for o, _ in outs]
+
+    outs = asyncio.run(go())
+    assert sum(run.sizes) == 39 and max(run.sizes) <= 10 and len(run.sizes) == 4
+    for x, out in zip(inputs, outs, strict=True):
+        direct = tiny_engine.run_views(x)
+        torch.testing.assert_close(out.logits, direct.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.features, direct.features, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_forward_fails_only_its_batch(tiny_engine: Engine) -> None:
+    run = Recorder(tiny_engine)
+    poison = _views(4, 1)
+    poison[0, 0, 0, 0] = float("nan")
+
+    async def go() -> tuple[object, object, ViewOutputs]:
+        b = _batcher(run, max_wait_s=0.2)
+        b.start()
+        a = asyncio.ensure_future(b.submit(poison, 10))
+        c = asyncio.ensure_future(b.submit(_views(3, 2), 10))  # same batch as the poison
+        results = await asyncio.gather(a, c, return_exceptions=True)
+        later, _ = await b.submit(_views(5, 3), 10)  # next batch: served
+        await b.stop()
+        return results[0], results[1], later
+
+    first, second, later = asyncio.run(go())
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
+    assert later.logits.shape == (5, 10)
+
+
+def test_full_queue_refuses_at_once_with_retry_after(tiny_engine: Engine) -> None:
+    run = Recorder(tiny_engine)
+
+    async def go() -> None:
+        b = _batcher(run, max_queue_views=12, max_wait_s=0.3, max_batch_views=40)
+        b.start()
+        first = asyncio.ensure_future(b.submit(_views(8, 1), 10))
+        await asyncio.sleep(0)
+        assert b.queued_views == 8
+        with pytest.raises(OverloadedError) as info:
+            await b.submit(_views(8, 2), 10)
+        assert info.value.retry_after_s >= 1
+        out, _ = await first  # the accepted one is still answered
+        assert out.logits.shape[0] == 8
+        await b.stop()
+
+    asyncio.run(go())
+
+
+def test_timed_out_views_are_dropped_not_run(tiny_engine: Engine) -> None:
+    run = Recorder(tiny_engine)
+
+    async def go() -> None:
+        b = _batcher(run, max_wait_s=0.5, max_batch_views=40)
+        b.start()
+        with pytest.raises(TimeoutError):
+            await b.submit(_views(6, 1), 0.05)
+        assert b.queued_views == 0
+        await asyncio.sleep(0.6)
+        await b.stop()
+
+    asyncio.run(go())
+    assert run.sizes == []  # the forward never saw the abandoned views
