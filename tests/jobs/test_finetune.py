@@ -225,3 +225,35 @@ def test_bad_options_are_refused(repo: Path, data: Path) -> None:
     run_finetune(options(repo, data, epochs=1))
     with pytest.raises(InvalidRequestError, match="already exists"):
         run_finetune(options(repo, data, epochs=1))
+
+
+def test_train_parts_name_the_right_modules(repo: Path, data: Path) -> None:
+    """head-conv and blocks:N add the conv before the last BN and the last N blocks."""
+    result = run_finetune(
+        options(repo, data, epochs=1, train="classifier,last-bn,head-conv,blocks:1")
+    )
+    modules = result.cfg.provenance["trainable_modules"]
+    assert modules[:3] == ["classifier", "bn2", "conv_head"]
+    assert modules[3:] and all(m.startswith("blocks.4.") for m in modules[3:])
+    before, after = read_weights(repo / "tiny"), read_weights(result.folder)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "conv_head.weight" in changed and any(k.startswith("blocks.4.") for k in changed)
+    allowed = ("classifier.", "bn2.", "conv_head.", "blocks.4.")
+    assert all(k.startswith(allowed) for k in changed), sorted(changed)
+    with pytest.raises(InvalidRequestError, match="blocks:9 asked, the network has 5 blocks"):
+        run_finetune(options(repo, data, out="x", train="classifier,blocks:9"))
+
+
+@pytest.mark.parametrize("augment", ["test", "test2", "train"])
+def test_augmentations_give_test_size_crops(repo: Path, augment: str) -> None:
+    from app.model_config import load_model_config
+
+    cfg = load_model_config(repo / "tiny").with_changes(input_size=TEST_SIZE)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), np.uint8))
+    transform = FixResTransform(cfg, augment)  # type: ignore[arg-type]
+    crops = [transform(img, np.random.default_rng(s)) for s in range(4)]
+    assert all(c.shape == (3, TEST_SIZE, TEST_SIZE) for c in crops)
+    again = transform(img, np.random.default_rng(0))
+    assert torch.equal(crops[0], again)  # randomness comes from the given generator only
+    distinct = {c.sum().item() for c in crops}
+    assert (len(distinct) == 1) == (augment == "test")
