@@ -22,7 +22,7 @@ from app.labels import LabelSet, load_labels
 from app.model_config import ModelConfig, WeightsSource, load_model_config
 
 log = logging.getLogger(__name__)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def default_models_dir() -> Path:
@@ -175,7 +175,7 @@ class ModelRepository:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if _NAME_RE.match(p.name) and (p / "model.toml").is_file()
+            if MODEL_NAME_RE.match(p.name) and (p / "model.toml").is_file()
         )
 
     def config(self, name: str) -> ModelConfig:

@@ -31,13 +31,22 @@ def make_tiny_model(
 ) -> ModelConfig:
     """A real timm network with seeded random weights, saved as a model-repository entry."""
     torch.manual_seed(seed)
-    net = timm.create_model(arch, pretrained=False, num_classes=num_classes).eval()
-    # Random init gives near-uniform outputs; rescale the classifier so logits spread
-    # (std about 3), making averaging levels and predictions distinguishable in tests.
+    net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    # Random init zeroes residual gammas and leaves BN statistics at 0/1, so features are
+    # near zero and outputs near uniform. Give every BN gamma 1 and estimate its statistics
+    # on noise, so features and logits have a realistic spread (logit std about 1).
     with torch.no_grad():
-        probe = net(torch.randn(8, 3, input_size, input_size))
-        head = net.get_classifier()
-        head.weight.mul_(3.0 / float(probe.std().clamp_min(1e-6)))
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.momentum = None  # cumulative average over the calibration batches
+        net.train()
+        for _ in range(4):
+            net(torch.randn(16, 3, input_size, input_size))
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.1
+    net.eval()
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     save_file(

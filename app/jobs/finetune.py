@@ -47,7 +47,7 @@ from app.jobs.data import (
 )
 from app.labels import load_labels
 from app.model_config import ModelConfig, WeightsSource, load_model_config, write_model_config
-from app.repository import _NAME_RE, ModelRepository, load_network
+from app.repository import MODEL_NAME_RE, ModelRepository, load_network
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ def check_test_size(size: int, network: nn.Module, arch: str) -> None:
 
 
 def check_output(root: Path, out: str, force: bool, resume: bool) -> Path:
-    if not _NAME_RE.match(out):
+    if not MODEL_NAME_RE.match(out):
         raise InvalidRequestError(
             f"--out {out!r} is not a valid model name (letters, digits, '_', '.', '-')"
         )
