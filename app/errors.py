@@ -69,3 +69,11 @@ class OverloadedError(MidserveError):
 
 class DeadlineExceededError(MidserveError):
     """A request did not finish within its deadline."""
+
+
+class DatasetError(MidserveError):
+    """A labelled folder that cannot be evaluated (empty, or labels not the model's)."""
+
+
+class EvalResultsError(MidserveError):
+    """An evaluation results file (eval.json, records) that cannot be read or does not match."""

@@ -1,0 +1,1 @@
+"""Offline jobs run from the CLI: evaluation and fine-tuning."""
