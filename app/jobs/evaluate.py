@@ -451,7 +451,11 @@ def _evaluate_images(
     bar = tqdm(total=len(todo), unit="img", disable=not opts.progress or rank != 0, file=sys.stderr)
     pending: list[tuple[str, int, Any]] = []
     pending_views = 0
-    with (opts.out / f"records{suffix}.jsonl").open("a") as sink:
+    records_path = opts.out / f"records{suffix}.jsonl"
+    torn = records_path.is_file() and not records_path.read_bytes().endswith(b"\n")
+    with records_path.open("a") as sink:
+        if torn and records_path.stat().st_size:
+            sink.write("\n")  # end a line cut by an interrupted run; it is ignored on read
 
         def flush() -> None:
             nonlocal pending, pending_views, views_run
