@@ -414,6 +414,10 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any] | None:
     views_run = _evaluate_images(opts, items, names, todo, evaluator, rank, world)
     elapsed = time.perf_counter() - t0
     _barrier(world)
+    if world > 1:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
     if rank != 0:
         return None
     records = read_records(opts.out)
@@ -423,6 +427,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any] | None:
         "images_computed": len(todo),
         "views_run": views_run,
         "world_size": world,
+        "scope": "this process" if world == 1 else "rank 0 only (each rank did its share)",
         "views_per_second": round(views_run / elapsed, 2) if elapsed > 0 else None,
     }
     write_report(opts, report, model_folder=cfg.folder)

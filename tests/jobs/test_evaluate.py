@@ -273,3 +273,51 @@ def test_cli_runs_with_decode_workers_and_reports_bad_input(
     assert "unknown view kind 'zoom'" in bad.stderr and "Traceback" not in bad.stderr
     missing = _cli(*common[:4], "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_images_and_agree_with_one_process(
+    repo: Path, data: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    args = [
+        "--models-dir",
+        str(repo),
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+        "--configs",
+        "fixed:5;auto",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--no-model-results",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "app.cli",
+        "evaluate",
+        *args,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [
+        len((tmp_path / "ddp" / f"records-rank{r}.jsonl").read_text().splitlines()) for r in (0, 1)
+    ]
+    assert lines == [3, 3]
+    single = run_evaluation(
+        _opts(repo, data, tmp_path / "one", ["fixed:5", "auto"], write_model_results=False)
+    )
+    assert single is not None
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["rows"] == single["rows"]
