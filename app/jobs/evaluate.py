@@ -246,7 +246,7 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "float32"
     workers: int = 0
-    batch_views: int = 0  # views per forward across images; 0 = one image at a time
+    batch_views: int = 0  # views per forward across images; 0 = the engine's chunk size
     write_model_results: bool = True
     fresh: bool = False
     progress: bool = True
@@ -315,6 +315,15 @@ def read_records(out: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+@dataclass
+class _Planned:
+    name: str
+    target: int
+    image: Any  # PreparedImage
+    views: list[View]
+    chosen: dict[str, list[int]]  # config name -> indices into views
+
+
 class _Evaluator:
     """Turns decoded images into per-image records (one forward of each image's view pool)."""
 
@@ -323,26 +332,27 @@ class _Evaluator:
         self.crop = engine.cfg.input_size
         self.k = min(TOP_K, engine.cfg.num_classes)
 
-    def plan(self, name: str, image: Any) -> tuple[ViewSpec, list[View], dict[str, list[int]]]:
+    def plan(self, name: str, image: Any) -> _Planned:
+        """The image's view pool and, per config, which pool views it averages."""
         w, h = image.resized_size
         specs = {c.name: c.spec_for(w, h, self.crop) for c in self.configs}
         pool = pool_spec(list(specs.values()))
         views = plan_views(pool, w, h, self.crop, image_seed(self.seed, name))
-        return pool, views, {n: select_views(pool, s) for n, s in specs.items()}
+        chosen = {n: select_views(pool, s) for n, s in specs.items()}
+        return _Planned(name, -1, image, views, chosen)
 
     @torch.inference_mode()
-    def score(self, batch: list[tuple[str, int, Any]]) -> list[dict[str, Any]]:
+    def score(self, batch: list[_Planned]) -> list[dict[str, Any]]:
         """Records for a few images at once: one run_views over all their pools."""
-        plans, stacks = [], []
-        for name, _target, image in batch:
-            image.tensor = image.tensor.to(self.engine.device)
-            pool, views, chosen = self.plan(name, image)
-            plans.append((views, chosen))
-            stacks.append(cut_views(image, views))
+        stacks = []
+        for p in batch:
+            p.image.tensor = p.image.tensor.to(self.engine.device)
+            stacks.append(cut_views(p.image, p.views))
         out = self.engine.run_views(torch.cat(stacks))
         head = self.engine.model.head
         records, offset = [], 0
-        for (name, target, image), (views, chosen) in zip(batch, plans, strict=True):
+        for p in batch:
+            name, target, image, views, chosen = p.name, p.target, p.image, p.views, p.chosen
             feats = out.features[offset : offset + len(views)]
             logits = out.logits[offset : offset + len(views)]
             offset += len(views)
@@ -454,7 +464,8 @@ def _evaluate_images(
     suffix = "" if world == 1 else f"-rank{rank}"
     views_run = 0
     bar = tqdm(total=len(todo), unit="img", disable=not opts.progress or rank != 0, file=sys.stderr)
-    pending: list[tuple[str, int, Any]] = []
+    pending: list[_Planned] = []
+    threshold = max(1, opts.batch_views or evaluator.engine.chunk_views)
     pending_views = 0
     records_path = opts.out / f"records{suffix}.jsonl"
     torn = records_path.is_file() and not records_path.read_bytes().endswith(b"\n")
@@ -479,9 +490,11 @@ def _evaluate_images(
                 sink.write(json.dumps({"file": names[i], "skipped": item["error"]}) + "\n")
                 bar.update(1)
                 continue
-            pending.append((names[i], items[i].target, item["image"]))
-            pending_views += evaluator.plan(names[i], item["image"])[1].__len__()
-            if pending_views >= opts.batch_views:
+            planned = evaluator.plan(names[i], item["image"])
+            planned.target = items[i].target
+            pending.append(planned)
+            pending_views += len(planned.views)
+            if pending_views >= threshold:
                 flush()
         flush()
     bar.close()
@@ -679,7 +692,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
     p.add_argument("--workers", type=int, default=2, help="DataLoader decode workers")
     p.add_argument(
-        "--batch-views", type=int, default=0, help="views per forward across images (0 = per image)"
+        "--batch-views",
+        type=int,
+        default=0,
+        help="views per forward across images (0 = the device's chunk: 10 cpu, 128 cuda)",
     )
     p.add_argument("--no-model-results", action="store_true", help="do not write eval.json")
     p.add_argument("--no-progress", action="store_true")

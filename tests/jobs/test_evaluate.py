@@ -224,7 +224,7 @@ def test_flat_labels_file_layout_gives_the_same_table(
         shutil.copy(path, flat / path.name)
         lines.append(f"{path.name} {path.parent.name}")
     (flat / "val.txt").write_text("\n".join(lines) + "\n")
-    configs = ["fixed:5,mfixed:5@softmax"]
+    configs = ["fixed:5@softmax"]
     a = run_evaluation(_opts(repo, data, tmp_path / "a", configs, write_model_results=False))
     b = run_evaluation(_opts(repo, flat, tmp_path / "b", configs, write_model_results=False))
     assert a is not None and b is not None and b["layout"] == "labels-file"
