@@ -73,3 +73,7 @@ class DeadlineExceededError(MidserveError):
 
 class DataError(MidserveError):
     """A training or evaluation data folder that cannot be used (missing, empty, wrong classes)."""
+
+
+class EvalResultsError(MidserveError):
+    """An evaluation results file (eval.json, records) that cannot be read or does not match."""

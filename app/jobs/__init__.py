@@ -1,1 +1,1 @@
-"""Offline jobs: FixRes fine-tuning, evaluation; shared data reading in data.py."""
+"""Offline jobs run from the CLI: FixRes fine-tuning and evaluation."""
