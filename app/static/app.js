@@ -8,14 +8,14 @@
   // view on the same box as its unmirrored twin still lets the twin show through.
   const KINDS = {
     center: { name: "center", color: "#ff2d55", width: 7, dash: [] },
-    fixed: { name: "fixed (5 crops)", color: "#ffcc00", width: 3, dash: [] },
+    fixed: { name: "fixed", color: "#ffcc00", width: 3, dash: [] },
     mfixed: { name: "mirrored fixed", color: "#ff7f0e", width: 3, dash: [10, 6] },
     random: { name: "random", color: "#00c8ff", width: 2, dash: [] },
     mrandom: { name: "mirrored random", color: "#7cfc00", width: 2, dash: [8, 6] },
   };
   const STAGES = ["decode", "preprocess", "queue_wait", "forward", "postprocess"];
   const TOKEN_KEY = "midserve.token";
-  const MAX_W = 720;
+  const MAX_W = 600;
   const MAX_H = 560;
   const MAX_UPSCALE = 4;
 
@@ -318,8 +318,9 @@
         "tr",
         { data: { index: String(t.index), synset: t.synset, prob: String(t.prob) } },
         el("td", { class: "rank", textContent: String(i + 1) }),
-        el("td", { class: "name" }, el("span", { class: "label", textContent: t.label }),
-          " ", el("small", { textContent: t.synset })),
+        el("td", { class: "name", title: `${t.label} (${t.synset}, class ${t.index})` },
+          el("span", { class: "label", textContent: t.label }),
+          el("small", { textContent: t.synset === t.label ? `class ${t.index}` : t.synset })),
         el("td", { class: "prob" }, el("div", { class: "track" }, bar),
           el("span", { textContent: pct(t.prob) })),
       );
@@ -366,7 +367,7 @@
         { data: { view: String(v.index), kind: v.kind } },
         el("td", { textContent: String(v.index + 1) }),
         el("td", {}, el("span", { class: "dot", style: { backgroundColor: style.color } }),
-          ` ${v.kind}${v.flip ? " (mirrored)" : ""}`),
+          ` ${style.name}`),
         el("td", { textContent: `[${v.box.join(", ")}]` }),
         el("td", { textContent: `${v.top1.label} ${pct(v.top1.prob)}` }),
       );
@@ -416,7 +417,7 @@
     tip.replaceChildren(
       el("div", { class: "tip-head" },
         el("span", { class: "dot", style: { backgroundColor: style.color } }),
-        ` view ${index + 1} of ${state.views.length}: ${v.kind}${v.flip ? " (mirrored)" : ""}`),
+        ` view ${index + 1} of ${state.views.length}: ${style.name}`),
       el("div", {}, "top-1: ", el("strong", { textContent: v.top1.label }),
         ` ${pct(v.top1.prob)}`),
     );

@@ -54,7 +54,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        "--window-size=1400,1100",
+        "--window-size=1400,1200",
         "--force-device-scale-factor=1",
         f"--user-data-dir={profile}",
     ):

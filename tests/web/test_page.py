@@ -80,7 +80,7 @@ def _top_rows(driver: Any, table_id: str) -> list[tuple[int, str, float]]:
     return [
         (
             int(r.get_attribute("data-index")),
-            r.find_element(By.CSS_SELECTOR, ".label").text,
+            r.find_element(By.CSS_SELECTOR, ".label").get_attribute("textContent"),
             float(r.get_attribute("data-prob")),
         )
         for r in rows
@@ -216,7 +216,8 @@ def test_page_draws_views_and_top5_matching_the_api(
     tip = driver.find_element(By.ID, "tip")
     _wait(driver, lambda d: tip.is_displayed(), timeout=10)
     assert tip.get_attribute("data-view") == str(k)
-    assert m["view_top1"][k]["label"] in tip.text and m["view_boxes"][k]["kind"] in tip.text
+    assert tip.get_attribute("data-kind") == m["view_boxes"][k]["kind"]
+    assert f"view {k + 1} of {m['views']}" in tip.text and m["view_top1"][k]["label"] in tip.text
     assert "hot" in (rows[k].get_attribute("class") or "")
 
     shot = artifacts / f"page-{model}.png"
@@ -253,3 +254,38 @@ def test_page_and_its_assets_come_from_the_server_itself(web_server: str) -> Non
         assert ref.startswith("/"), f"{ref} is not served by midserve"
         assert httpx.get(web_server + ref, timeout=10).status_code == 200, ref
     assert "/" not in httpx.get(web_server + "/openapi.json").json()["paths"]
+
+
+@pytest.mark.slow
+def test_token_pasted_on_the_page_unlocks_a_protected_server(
+    browser: Any, tiny_repo: Path, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from tests.server import running_server
+
+    photo = tmp_path / "noise.png"
+    photo.write_bytes(image_bytes(160, 120, seed=5))
+    env = {"MIDSERVE_AUTH_TOKENS": '["page-token"]'}
+    with running_server(tiny_repo, env=env, log_path=tmp_path / "server.log") as base:
+        browser.get(base + "/")
+        box = browser.find_element(By.ID, "error")
+        _wait(browser, lambda d: box.is_displayed())
+        refused = httpx.get(base + "/v1/models").json()["error"]
+        assert box.find_element(By.CSS_SELECTOR, ".error-message").text == refused["message"]
+        assert "401" in box.text and browser.find_element(By.ID, "auth").get_attribute("open")
+
+        browser.find_element(By.ID, "token").send_keys("page-token", Keys.TAB)
+        _open_model = "#model option[value='tiny']:not([disabled])"
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, _open_model))
+        assert not box.is_displayed()
+        assert _upload_and_wait(browser, photo) == "result", box.text
+        rows = _top_rows(browser, "top-mid")
+        answer = httpx.post(
+            base + "/v1/models/tiny/classify",
+            params={"seed": browser.find_element(By.ID, "seed").get_attribute("value")},
+            files=[("images", (photo.name, photo.read_bytes(), "image/png"))],
+            headers={"Authorization": "Bearer page-token"},
+        ).json()["results"][0]
+        assert rows == _api_rows(answer)
