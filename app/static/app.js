@@ -117,7 +117,8 @@
       const ready = m.state === "ready";
       loading ||= m.state === "loading" || m.state === "pending";
       const text = ready ? m.name : `${m.name} (${m.state})`;
-      select.append(el("option", { value: m.name, textContent: text, disabled: !ready }));
+      const title = m.error || m.description || "";
+      select.append(el("option", { value: m.name, textContent: text, disabled: !ready, title }));
     }
     if (!list.models.length) showError(new ApiError(0, "no_models", "the server serves no model"));
     const firstReady = list.models.find((m) => m.state === "ready");
@@ -473,7 +474,8 @@
   function chooseFile(file) {
     if (!file) return;
     state.file = file;
-    $("file-name").textContent = `${file.name || "pasted image"} (${Math.round(file.size / 1024)} KiB)`;
+    const size = file.size < 1024 ? `${file.size} B` : `${Math.round(file.size / 1024)} KiB`;
+    $("file-name").textContent = `${file.name || "pasted image"} (${size})`;
     updateRunButton();
     if (!$("run").disabled) run();
   }

@@ -227,7 +227,7 @@ def test_page_draws_views_and_top5_matching_the_api(
 
 
 def test_non_image_upload_shows_the_api_message(
-    browser: Any, web_server: str, tmp_path: Path
+    browser: Any, web_server: str, tmp_path: Path, artifacts: Path
 ) -> None:
     from selenium.webdriver.common.by import By
 
@@ -243,6 +243,7 @@ def test_non_image_upload_shows_the_api_message(
     assert box.find_element(By.CSS_SELECTOR, ".error-message").text == error["message"]
     assert error["type"] in box.text and "422" in box.text
     assert not browser.find_element(By.ID, "result").is_displayed()
+    assert browser.save_screenshot(str(artifacts / "page-error.png"))
 
 
 def test_page_and_its_assets_come_from_the_server_itself(web_server: str) -> None:
