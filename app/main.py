@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestCountMiddleware
 from app.api.routes import probes, router
+from app.api.web import install_web
 from app.config import Settings, get_settings
 from app.metrics import Metrics
 from app.service import ClassifyService
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         read_timeout_s=settings.body_read_timeout_s,
     )
     app.mount("/static/docs", StaticFiles(directory=_docs_assets()), name="docs-assets")
+    install_web(app)
 
     @app.get("/docs", include_in_schema=False)
     async def swagger() -> HTMLResponse:
