@@ -18,6 +18,7 @@ import torch
 
 from app.errors import InvalidRequestError
 from app.repository import LoadedModel
+from app.tta.adaptive import resolve_spec
 from app.tta.averaging import LEVELS, Level, average_probabilities
 from app.tta.preprocess import DecodeLimits, PreparedImage, cut_views, load_and_prepare
 from app.tta.views import View, ViewSpec, boxes_in_original, plan_views
@@ -59,6 +60,7 @@ class Prediction:
     boxes: list[list[float]]
     view_top1: list[TopClass]
     probs: torch.Tensor  # [C], kept for evaluation and accuracy metrics
+    policy: str  # what was asked for: the spec, or "auto" (then spec is what auto chose)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -67,6 +69,7 @@ class Prediction:
             "level": self.level,
             "views": len(self.views),
             "spec": self.spec,
+            "policy": self.policy,
             "seed": self.seed,
             "view_boxes": [
                 {"kind": v.kind, "flip": v.flip, "box": b}
@@ -111,11 +114,14 @@ class Engine:
 
     def plan(
         self, image: PreparedImage, spec: ViewSpec, seed: int | None
-    ) -> tuple[list[View], int]:
-        """View boxes for this image; a missing seed is drawn and returned for reproduction."""
+    ) -> tuple[list[View], int, ViewSpec]:
+        """View boxes for this image, the seed used (drawn when missing, so the answer can be
+        reproduced) and the spec used (``auto`` resolved for this image's size)."""
         seed = secrets.randbits(31) if seed is None else seed
         w, h = image.resized_size
-        return plan_views(spec, w, h, self.model.cfg.input_size, seed), seed
+        size = self.model.cfg.input_size
+        used = resolve_spec(spec, w, h, size)
+        return plan_views(used, w, h, size, seed), seed, used
 
     # -- the forward pass -------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -185,12 +191,13 @@ class Engine:
         t0 = time.perf_counter()
         image = self.prepare(data)
         t1 = time.perf_counter()
-        views, seed = self.plan(image, spec, seed)
+        views, seed, used = self.plan(image, spec, seed)
         batch = cut_views(image, views)
         t2 = time.perf_counter()
         outputs = self.run_views(batch)
         t3 = time.perf_counter()
-        prediction = self.predict(image, views, seed, str(spec), outputs, lvl, top_k)
+        prediction = self.predict(image, views, seed, used, outputs, lvl, top_k)
+        prediction.policy = str(spec)
         t4 = time.perf_counter()
         prediction.timings = {
             "decode_resize": t1 - t0,
@@ -205,11 +212,11 @@ class Engine:
         image: PreparedImage,
         views: list[View],
         seed: int,
-        spec: str,
+        spec: ViewSpec,
         outputs: ViewOutputs,
         level: Level,
         top_k: int,
     ) -> Prediction:
         probs, top, view_top1 = self.summarize(outputs, level, top_k)
         boxes = boxes_in_original(views, image.resized_size, image.original_size)
-        return Prediction(top, level, views, spec, seed, boxes, view_top1, probs)
+        return Prediction(top, level, views, str(spec), seed, boxes, view_top1, probs, str(spec))

@@ -21,10 +21,12 @@ from app.config import Settings
 from app.engine import Engine, Prediction, pick_device
 from app.errors import (
     DeadlineExceededError,
-    InvalidRequestError,
+    EvalResultsError,
+    LimitExceededError,
     ModelNotReadyError,
     UnknownModelError,
 )
+from app.jobs.eval_results import EVAL_FILE, read_eval_results
 from app.metrics import Metrics
 from app.repository import ModelRepository
 from app.tta.averaging import Level
@@ -57,6 +59,7 @@ class Prepared:
     image: PreparedImage
     views: list[View]
     seed: int
+    spec: ViewSpec  # as used: ``auto`` resolved for this image
     batch: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -71,6 +74,7 @@ class ClassifyService:
         self.limits = DecodeLimits(settings.max_pixels, settings.max_aspect_ratio)
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_workers, "preprocess")
         self._load_task: asyncio.Task[None] | None = None
+        self._eval_mtimes: dict[str, float] = {}
 
     # -- lifecycle ------------------------------------------------------------------
     def served_names(self) -> list[str]:
@@ -85,6 +89,7 @@ class ClassifyService:
         for name in self.served_names():
             self.slots[name] = ModelSlot(name)
             self.metrics.model_ready.labels(name).set(0)
+        self.refresh_eval_metrics()
         self._load_task = asyncio.get_running_loop().create_task(self._load_all())
 
     async def _load_all(self) -> None:
@@ -122,6 +127,29 @@ class ClassifyService:
             engine.run_views(torch.zeros(engine.chunk_views, 3, size, size))
         return engine
 
+    def refresh_eval_metrics(self) -> None:
+        """Offline evaluation results (models/<name>/eval.json) as gauges, re-read when the
+        file changes, so an evaluation that finishes while the server runs shows up."""
+        for name in self.slots:
+            path = self.repository.root / name / EVAL_FILE
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            if self._eval_mtimes.get(name) == mtime:
+                continue
+            self._eval_mtimes[name] = mtime
+            try:
+                results = read_eval_results(path.parent)
+            except EvalResultsError as exc:
+                log.warning("ignoring evaluation results of %s: %s", name, exc)
+                continue
+            for r in results:
+                labels = (name, r.config, r.dataset)
+                self.metrics.eval_top1.labels(*labels).set(r.top1)
+                self.metrics.eval_top5.labels(*labels).set(r.top5)
+                self.metrics.eval_images.labels(*labels).set(r.images)
+
     async def wait_loaded(self) -> None:
         if self._load_task is not None:
             await asyncio.shield(self._load_task)
@@ -149,10 +177,14 @@ class ClassifyService:
         img, fmt = decode_image(data, self.limits)
         t1 = time.perf_counter()
         image = prepare_image(img, engine.cfg, engine.device, fmt)
-        views, used_seed = engine.plan(image, spec, seed)
+        views, used_seed, used = engine.plan(image, spec, seed)
+        limit = self.settings.max_views_per_request
+        if len(views) > limit:
+            raise LimitExceededError(f"{len(views)} views for this image; the limit is {limit}")
         batch = cut_views(image, views)
         t2 = time.perf_counter()
-        return Prepared(image, views, used_seed, batch, {"decode": t1 - t0, "preprocess": t2 - t1})
+        timings = {"decode": t1 - t0, "preprocess": t2 - t1}
+        return Prepared(image, views, used_seed, used, batch, timings)
 
     async def classify_image(
         self,
@@ -165,10 +197,6 @@ class ClassifyService:
         deadline: float,
     ) -> Prediction:
         engine, batcher = slot.ready()
-        if spec.total > self.settings.max_views_per_request:
-            raise InvalidRequestError(
-                f"{spec.total} views requested; the limit is {self.settings.max_views_per_request}"
-            )
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(
             self._pre_pool, self._prepare, engine, data, spec, seed
@@ -184,8 +212,9 @@ class ClassifyService:
             ) from exc
         t0 = time.perf_counter()
         pred = engine.predict(
-            prepared.image, prepared.views, prepared.seed, str(spec), outputs, level, top_k
+            prepared.image, prepared.views, prepared.seed, prepared.spec, outputs, level, top_k
         )
+        pred.policy = str(spec)
         timings = {
             **prepared.timings,
             "queue_wait": batch_timings.queue_wait_s,

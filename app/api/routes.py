@@ -234,7 +234,7 @@ def _classify_response(
         body = outcome.to_json()
         if label is not None:
             ranked = outcome.probs.topk(min(5, outcome.probs.shape[0])).indices.tolist()
-            metrics.observe_accuracy(slot.name, outcome.level, outcome.spec, label, ranked)
+            metrics.observe_accuracy(slot.name, outcome.level, outcome.policy, label, ranked)
             body["label"] = label
         results.append({"index": index, "file": filename, **body})
     total_ms = round((time.perf_counter() - started) * 1000.0, 3)
@@ -330,5 +330,7 @@ async def readyz(request: Request) -> Response:
 
 @probes.get("/metrics", dependencies=[Depends(require_token_unless_open)])
 async def metrics(request: Request) -> Response:
-    registry = _service(request).metrics.registry
+    service = _service(request)
+    service.refresh_eval_metrics()
+    registry = service.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

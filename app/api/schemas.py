@@ -30,6 +30,7 @@ class ImageResult(BaseModel):
     level: str | None = None
     views: int | None = None
     spec: str | None = None
+    policy: str | None = None
     seed: int | None = None
     label: int | None = None
     view_boxes: list[ViewBoxOut] | None = None

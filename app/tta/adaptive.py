@@ -70,3 +70,10 @@ def auto_policy(resized_width: int, resized_height: int, crop_size: int) -> View
     if n:
         parts += [("random", n), ("mrandom", n)]
     return ViewSpec(tuple(parts))
+
+
+def resolve_spec(spec: ViewSpec, resized_width: int, resized_height: int, crop: int) -> ViewSpec:
+    """The spec itself, or for ``auto`` the mix this image's resized size earns."""
+    if spec.adaptive:
+        return auto_policy(resized_width, resized_height, crop)
+    return spec

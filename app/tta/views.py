@@ -25,9 +25,11 @@ MAX_SPEC_LENGTH = 200
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """An ordered, validated mix of view kinds and counts."""
+    """An ordered, validated mix of view kinds and counts, or the adaptive ``auto`` policy
+    (``adaptive=True``, no parts: resolved per image by app.tta.adaptive.resolve_spec)."""
 
     parts: tuple[tuple[str, int], ...]
+    adaptive: bool = False
 
     @property
     def total(self) -> int:
@@ -38,7 +40,12 @@ class ViewSpec:
         return any(kind in ("random", "mrandom") for kind, _ in self.parts)
 
     def __str__(self) -> str:
+        if self.adaptive:
+            return "auto"
         return ",".join(f"{kind}:{n}" for kind, n in self.parts)
+
+
+AUTO_SPEC = ViewSpec((), adaptive=True)
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,13 @@ class View:
 
 
 def parse_view_spec(text: str) -> ViewSpec:
-    """Parse ``kind:count[,kind:count...]``; a bare ``kind`` means count 1."""
+    """Parse ``kind:count[,kind:count...]`` (a bare ``kind`` means count 1) or ``auto``."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidRequestError("views spec is empty; expected e.g. 'fixed:5,mfixed:5'")
     if len(text) > MAX_SPEC_LENGTH:
         raise InvalidRequestError(f"views spec is longer than {MAX_SPEC_LENGTH} characters")
+    if text.strip().lower() == "auto":
+        return AUTO_SPEC
     counts: dict[str, int] = {}
     order: list[str] = []
     for raw in text.split(","):
@@ -120,6 +129,8 @@ def plan_views(spec: ViewSpec, width: int, height: int, size: int, seed: int) ->
     """Boxes for every view of a ``width`` x ``height`` resized image; ``seed`` fixes randoms."""
     if width < size or height < size:
         raise InvalidRequestError(f"resized image {width}x{height} is smaller than crop {size}")
+    if spec.adaptive:
+        raise InvalidRequestError("the auto policy must be resolved for the image first")
     rng = np.random.default_rng(seed)
     corners = _fixed_corners(width, height, size)
     views: list[View] = []

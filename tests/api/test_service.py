@@ -194,3 +194,40 @@ def test_unready_model_reports_why(tmp_path: Path, tiny_repo: Path, wait_ready: 
             headers={"content-type": "image/png"},
         )
         assert ok.status_code == 200
+
+
+def test_auto_policy_spends_views_by_image_shape(server: str, tiny_engine: Engine) -> None:
+    from app.tta.adaptive import auto_policy
+
+    for w, h in ((80, 80), (100, 80), (200, 80)):  # resized: 80x80, 100x80, 200x80
+        data = image_bytes(w, h, seed=w)
+        res = httpx.post(
+            server + CLASSIFY,
+            params={"views": "auto", "seed": 3},
+            content=data,
+            headers={"content-type": "image/png"},
+        )
+        body = res.json()["results"][0]
+        want = auto_policy(w, h, 64)
+        assert body["policy"] == "auto" and body["spec"] == str(want)
+        assert body["views"] == want.total
+        local = tiny_engine.classify(data, parse_view_spec("auto"), top_k=5, seed=3)
+        assert [t["index"] for t in body["top"]] == [t.index for t in local.top]
+
+
+def test_eval_results_become_gauges(server: str, tiny_repo: Path) -> None:
+    from app.jobs.eval_results import EvalResult, write_eval_results
+
+    rows = [
+        EvalResult("tiny", "center:1@softmax", "unit-set", 0.25, 0.75, 8),
+        EvalResult("tiny", "auto@softmax", "unit-set", 0.5, 1.0, 8),
+    ]
+    write_eval_results(tiny_repo / "tiny", "tiny", rows)
+    try:
+        samples = scrape(server)  # read at scrape time: no restart needed
+    finally:
+        (tiny_repo / "tiny" / "eval.json").unlink()
+    sel = {"model": "tiny", "dataset": "unit-set"}
+    assert total(samples, "midserve_eval_top1", config="center:1@softmax", **sel) == 0.25
+    assert total(samples, "midserve_eval_top5", config="auto@softmax", **sel) == 1.0
+    assert total(samples, "midserve_eval_images", config="auto@softmax", **sel) == 8

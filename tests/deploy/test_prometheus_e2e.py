@@ -36,8 +36,6 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "10m", "$model": ".*"
 MAY_BE_ABSENT = {
     "midserve_gpu_memory_": "no CUDA device: the server exports GPU memory only when "
     "torch.cuda.is_available()",
-    "midserve_eval_": "the server did not export eval gauges although models/tiny/eval.json "
-    "exists (eval.json is not read by this server version)",
 }
 METRIC = re.compile(r"\b(midserve_[a-z0-9_]+|up)\b")
 

@@ -76,7 +76,7 @@ def _recompute(
             spec = auto_policy(*image.resized_size, engine.cfg.input_size)
         else:
             spec = parse_view_spec(spec_text)
-        views, _ = engine.plan(image, spec, image_seed(seed, str(path.relative_to(data))))
+        views, _, _ = engine.plan(image, spec, image_seed(seed, str(path.relative_to(data))))
         outputs = engine.run_views(cut_views(image, views))
         for lv in levels:
             _, top, _ = engine.summarize(outputs, lv, top_k=3)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from tests.helpers import image_bytes
 @torch.no_grad()
 def test_levels_match_their_definitions(tiny_engine: Engine) -> None:
     image = tiny_engine.prepare(image_bytes(150, 100, seed=4))
-    views, _ = tiny_engine.plan(image, parse_view_spec("fixed:5,random:6,mrandom:6"), 11)
+    views, _, _ = tiny_engine.plan(image, parse_view_spec("fixed:5,random:6,mrandom:6"), 11)
     from app.tta.preprocess import cut_views
 
     out = tiny_engine.run_views(cut_views(image, views))
