@@ -227,6 +227,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out["bound_views_per_s"] = out["gemm_gflops"] / out["model_gflops_per_view"]
 
     engine = Engine(model, args.dtype, args.chunk_views)
+    out["dtype"] = engine.dtype_name
     chunks = sorted({1, 2, 5, 10, 16, spec.total, engine.chunk_views})
     raw = {c: raw_forward(engine, c, d / 2, views=max(spec.total, c)) for c in chunks}
     best_chunk = max(raw, key=lambda c: raw[c])
@@ -239,13 +240,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out["efficiency"] = out["engine_views_per_s"] / out["bound_views_per_s"]
     out["speedup_vs_naive"] = out["engine_views_per_s"] / out["naive_views_per_s"]
 
-    if args.dtype == "float32" and args.check_dtype:
+    if engine.dtype_name != "float32":
+        # the same pipeline in float32, to state what the faster dtype buys
+        fp32 = Engine(model, "float32", engine.chunk_views)
+        out["engine_float32_views_per_s"] = engine_throughput(fp32, images, spec, args.level, d)
+        out["agreement_vs_float32"] = dtype_agreement(
+            model, images, spec, engine.dtype_name, engine.chunk_views
+        )
+    elif args.check_dtype:
         out[f"{args.check_dtype}_agreement"] = dtype_agreement(
             model, images, spec, args.check_dtype, engine.chunk_views
         )
 
     if not args.no_http:
-        env = {"MIDSERVE_DEVICE": str(device), "MIDSERVE_DTYPE": args.dtype,
+        env = {"MIDSERVE_DEVICE": str(device), "MIDSERVE_DTYPE": out["dtype"],
                "MIDSERVE_CHUNK_VIEWS": str(engine.chunk_views)}  # fmt: skip
         params = {"views": str(spec), "level": args.level}
         settings = {"batched": {"MIDSERVE_MAX_BATCH_VIEWS": str(max(engine.chunk_views, 40)),
@@ -298,7 +306,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--views-spec", default=None, help="explicit view mix instead of --views")
     p.add_argument("--level", default="softmax", choices=["feature", "logit", "softmax"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--chunk-views", type=int, default=0, help="0 = the best measured chunk")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")

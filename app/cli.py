@@ -16,12 +16,13 @@ from pathlib import Path
 from app.errors import MidserveError
 
 Handler = Callable[[argparse.Namespace], int]
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=None, help="model repository folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
 
 
 def _views_from_args(args: argparse.Namespace, default: str):  # noqa: ANN202
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=None, help="comma list of model names, or 'all'")
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=cmd_serve)
 

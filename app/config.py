@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     models_dir: Path = Field(default_factory=default_models_dir)
     models: list[str] = ["tf_efficientnet_lite0"]  # names, or ["all"] for every available
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bfloat16 on CPUs with native bf16, else float32) | float32 | ...
     chunk_views: int = 0  # views per forward chunk; 0 = per-device default
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     warmup: bool = True

@@ -27,6 +27,27 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_CHUNK_VIEWS = {"cpu": 10, "cuda": 128}
 
 
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: bfloat16 convolutions run natively (oneDNN), not emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(requested: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on CPUs with native bf16 (measured: same top-1 as float32 on all
+    100 sample photos at 1 and 10 views, max probability difference 0.04, about 2x faster),
+    float32 elsewhere; an explicit dtype is kept."""
+    if requested != "auto":
+        return requested
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """CUDA when there is one (or when asked for), else the CPU."""
     if requested == "auto":
@@ -96,8 +117,10 @@ class Engine:
         chunk_views: int = 0,
         limits: DecodeLimits | None = None,
     ) -> None:
+        dtype = resolve_dtype(dtype, model.device)
         if dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}")
+            raise InvalidRequestError(f"dtype must be auto or one of {', '.join(DTYPES)}")
+        self.dtype_name = dtype
         self.model = model
         self.device = model.device
         self.dtype = DTYPES[dtype]

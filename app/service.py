@@ -114,7 +114,7 @@ class ClassifyService:
             cfg = engine.cfg
             self.metrics.model_info.labels(
                 slot.name, cfg.arch, str(cfg.input_size), str(cfg.crop_pct),
-                cfg.weights.describe(), str(engine.device), self.settings.dtype,
+                cfg.weights.describe(), str(engine.device), engine.dtype_name,
             ).set(1)  # fmt: skip
             self.metrics.model_ready.labels(slot.name).set(1)
             log.info("model %s ready on %s", slot.name, engine.device)

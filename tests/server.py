@@ -38,6 +38,8 @@ def running_server(
         "PYTHONPATH": str(PROJECT_ROOT),
         "MIDSERVE_DEVICE": "cpu",
         "MIDSERVE_THREADS": "1",
+        # exact comparisons with the in-process float32 engine; bf16 is tested on its own
+        "MIDSERVE_DTYPE": "float32",
         **(env or {}),
     }
     cmd = [

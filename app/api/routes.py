@@ -267,7 +267,7 @@ def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
         parent=cfg.parent or None,
         weights=cfg.weights.describe(),
         device=str(slot.engine.device) if slot.engine else None,
-        dtype=s.dtype if slot.engine else None,
+        dtype=slot.engine.dtype_name if slot.engine else None,
         limits={
             "max_views_per_request": s.max_views_per_request,
             "max_images_per_request": s.max_images_per_request,

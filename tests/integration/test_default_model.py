@@ -9,11 +9,21 @@ from app.tta.views import parse_view_spec
 
 
 @pytest.mark.slow
-def test_center_crop_top1_on_real_photos(lite0_engine: Engine, samples) -> None:
-    """A wrong key mapping, mean/std or padding variant drops this far below 85 %."""
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_center_crop_top1_on_real_photos(lite0_engine: Engine, samples, dtype: str) -> None:
+    """A wrong key mapping, mean/std or padding variant drops this far below 85 %; the
+    ``auto`` dtype (bfloat16 on CPUs with native bf16) must hold the same line."""
+    engine = Engine(lite0_engine.model, dtype=dtype)
     center = parse_view_spec("center")
     hits = 0
     for path in samples:
-        pred = lite0_engine.classify(path.read_bytes(), center, top_k=1)
+        pred = engine.classify(path.read_bytes(), center, top_k=1)
         hits += pred.top[0].synset == path.name.split("_")[0]
-    assert hits / len(samples) >= 0.85, f"top-1 {hits}/{len(samples)}"
+    assert hits / len(samples) >= 0.85, f"top-1 {hits}/{len(samples)} ({engine.dtype_name})"
+
+
+def test_auto_dtype_follows_the_cpu(lite0_engine: Engine) -> None:
+    from app.engine import cpu_has_native_bf16
+
+    engine = Engine(lite0_engine.model, dtype="auto")
+    assert engine.dtype_name == ("bfloat16" if cpu_has_native_bf16() else "float32")
