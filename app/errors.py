@@ -69,3 +69,7 @@ class OverloadedError(MidserveError):
 
 class DeadlineExceededError(MidserveError):
     """A request did not finish within its deadline."""
+
+
+class DataError(MidserveError):
+    """A training or evaluation data folder that cannot be used (missing, empty, wrong classes)."""

@@ -1,0 +1,1 @@
+"""Offline jobs: FixRes fine-tuning, evaluation; shared data reading in data.py."""

@@ -1,0 +1,57 @@
+"""`midserve bench` runs end to end and reports every field the performance issue names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import image_bytes
+from tests.integration.test_cli import run_cli
+
+FIELDS = {
+    "gemm_gflops",
+    "model_gflops_per_view",
+    "bound_views_per_s",
+    "raw_forward_views_per_s",
+    "engine_views_per_s",
+    "naive_views_per_s",
+    "efficiency",
+    "speedup_vs_naive",
+    "http_views_per_s_c8",
+    "http_p50_ms_c8",
+    "http_p99_ms_c8",
+    "http_overhead",
+}
+
+
+@pytest.mark.slow
+def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(image_bytes(100 + 10 * i, 90, seed=i))
+    res = run_cli(
+        "bench",
+        "--models-dir",
+        str(tiny_repo),
+        "--model",
+        "tiny",
+        "--data",
+        str(tmp_path),
+        "--duration",
+        "0.3",
+        "--views",
+        "4",
+        "--threads",
+        "1",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(result) >= FIELDS
+    assert result["model_gflops_per_view"] > 0 and result["bound_views_per_s"] > 0
+    assert result["views"] == 4 and result["http_batched_c8"]["errors"] == 0
+    assert (
+        abs(result["efficiency"] * result["bound_views_per_s"] - result["engine_views_per_s"])
+        < 1e-2 * result["engine_views_per_s"] + 1e-3
+    )
+    assert 0.0 <= result["bfloat16_agreement"]["top1_agreement"] <= 1.0
