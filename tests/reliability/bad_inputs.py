@@ -263,6 +263,9 @@ def build_cases() -> list[Case]:
              post(content=chunks(BODY_LIMIT + 500_000))),  # type: ignore[arg-type]
         Case("wrong Content-Type (application/json)", 415, "unsupported_media_type",
              "Content-Type", post(content=good, content_type="application/json")),
+        Case("an image URL instead of bytes (never fetched)", 415, "unsupported_media_type",
+             "Content-Type", post(content=b'{"url": "http://169.254.169.254/latest/x.jpg"}',
+                                  content_type="application/json")),
         Case("no Content-Type", 415, "unsupported_media_type", "Content-Type",
              post(content=good, content_type="")),
         Case("multipart with no file", 422, "invalid_request", "no file in the field 'images'",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.helpers import PROJECT_ROOT, image_bytes
 from tests.server import scrape, server_process, total
@@ -20,6 +21,7 @@ CLASSIFY = "/v1/models/tiny/classify"
 REFUSALS = 200
 
 
+@pytest.mark.slow
 def test_full_queue_refuses_fast_and_answers_every_accepted_request(
     tiny_repo: Path, tmp_path: Path
 ) -> None:

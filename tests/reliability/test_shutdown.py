@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import image_bytes
 from tests.server import scrape, server_process, total
@@ -15,6 +16,7 @@ from tests.server import scrape, server_process, total
 CLASSIFY = "/v1/models/tiny/classify"
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_repo: Path, tmp_path: Path) -> None:
     # a long batching wait keeps the accepted requests in flight when the signal comes
     env = {"MIDSERVE_MAX_WAIT_MS": "1500", "MIDSERVE_MAX_BATCH_VIEWS": "64"}
