@@ -90,6 +90,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import signal
 
     import uvicorn
 
@@ -101,6 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["MIDSERVE_DEVICE"] = args.device
     if args.dtype:
         os.environ["MIDSERVE_DTYPE"] = args.dtype
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; with this
+    # handler in place that re-raise ends the process with status 0 (a clean, asked-for stop)
+    # instead of -15, which supervisors would report as a crash.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = 30.0
     preprocess_workers: int = 2
     body_read_timeout_s: float = 15.0  # per body chunk; ends slow-loris uploads
+    body_min_rate_bytes_s: float = 50_000.0  # whole body: read_timeout + 1 s per this many bytes
 
     # security
     auth_tokens: list[str] = []

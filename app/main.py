@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         read_timeout_s=settings.body_read_timeout_s,
+        min_rate=settings.body_min_rate_bytes_s,
     )
     app.mount("/static/docs", StaticFiles(directory=_docs_assets()), name="docs-assets")
     install_web(app)

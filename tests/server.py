@@ -32,6 +32,23 @@ def running_server(
     log_path: Path | None = None,
 ) -> Iterator[str]:
     """Start ``midserve serve``; yield its base URL once /readyz answers (or /healthz)."""
+    with server_process(models_dir, models, env=env, wait_ready=wait_ready, log_path=log_path) as (
+        base,
+        _,
+    ):
+        yield base
+
+
+@contextlib.contextmanager
+def server_process(
+    models_dir: Path,
+    models: str = "tiny",
+    *,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    log_path: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As running_server, also yielding the process (for signals and its memory)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -75,7 +92,7 @@ def running_server(
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not become ready within 120 s")
             time.sleep(0.2)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         try:

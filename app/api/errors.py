@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import (
     DeadlineExceededError,
@@ -33,6 +34,10 @@ class UnauthorizedError(MidserveError):
 
 class BodyTimeoutError(MidserveError):
     """The client sent its body too slowly (slow-loris protection)."""
+
+
+class BodyTooLargeError(ImageTooLargeError):
+    """A streamed (chunked) body grew past the limit while it was being read."""
 
 
 # (status, type) per domain error; the first matching class wins, so order subclasses first.
@@ -70,6 +75,9 @@ def error_response(exc: MidserveError) -> JSONResponse:
         headers["Retry-After"] = "5"
     elif isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, BodyTimeoutError | BodyTooLargeError):
+        # The rest of the body was never read: close, or a dribbling client keeps the socket.
+        headers["Connection"] = "close"
     return JSONResponse(error_body(kind, str(exc)), status_code=status, headers=headers)
 
 
@@ -92,6 +100,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # The client hung up mid-body: nobody reads this answer, and it is not a server bug.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        body = error_body("client_closed_request", "client closed the connection")
+        return JSONResponse(body, status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -70,7 +70,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, str]:
             ) from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLargeError(f"image has too many pixels: {exc}") from exc
-        except (OSError, ValueError, SyntaxError) as exc:
+        except Exception as exc:  # PIL parses hostile bytes: any failure means unreadable
             raise InvalidImageError(f"cannot read image header: {exc}") from exc
         if img.format not in ALLOWED_FORMATS:
             raise InvalidImageError(f"image format {img.format} is not accepted")
@@ -96,7 +96,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> tuple[Image.Image, str]:
             return _to_rgb(upright), image_format
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLargeError(f"image has too many pixels: {exc}") from exc
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        except Exception as exc:  # OSError, EOFError, ... and TypeError seen from TIFF fuzzing
             raise InvalidImageError(f"cannot decode image (truncated or corrupt?): {exc}") from exc
 
 
