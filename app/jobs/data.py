@@ -1,4 +1,4 @@
-"""Image folders for offline jobs: labelled ImageFolders, unlabelled folders, FixRes transforms.
+"""FixRes transforms and the torch Dataset that decodes the images of app.jobs.datasets.
 
 Transforms reuse the serving path (decode_image, prepare_image, plan_views, cut_views), so
 the "test DA" crop a job trains on is exactly the center crop the server classifies.
@@ -7,7 +7,6 @@ the "test DA" crop a job trains on is exactly the center crop the server classif
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -15,96 +14,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from app.errors import DataError, InvalidRequestError, MidserveError
-from app.labels import LabelSet
+from app.errors import InvalidRequestError, MidserveError
+from app.jobs.datasets import LabelledImage
 from app.model_config import ModelConfig
 from app.tta.preprocess import _RESAMPLE, DecodeLimits, decode_image, prepare_image
 from app.tta.views import View, parse_view_spec, plan_views
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 Augment = Literal["test", "test2", "train", "center"]
 AUGMENTS = ("test", "test2", "train")
-ClassOrder = Literal["ids", "sorted"]
 # FixRes "test DA2": light colour jitter (brightness, contrast, saturation factors).
 DA2_JITTER = 0.1
 # Training DA as in the FixRes paper's initial training (torchvision's ImageNet recipe).
 TRAIN_JITTER = 0.4
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    label: int  # -1 for unlabelled images
-
-
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-
-
-def _check_folder(root: Path, what: str) -> None:
-    if not root.exists():
-        raise DataError(f"{what} folder {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"{what} folder {root} is not a folder")
-
-
-def scan_image_folder(
-    root: Path, labels: LabelSet, class_order: ClassOrder = "ids", what: str = "data"
-) -> list[Sample]:
-    """Labelled images from ``root/<class>/**/<image>``.
-
-    ``ids``: folder names are the model's label ids (ImageNet synsets such as n01440764, or
-    the ids of the model's labels file), mapped to the model's class order.
-    ``sorted``: torchvision's ImageFolder convention; the i-th folder in sorted order is
-    class i, so there must be exactly as many folders as the model has classes.
-    """
-    _check_folder(root, what)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        loose = _images_under(root)
-        if loose:
-            raise DataError(
-                f"{what} folder {root} holds {len(loose)} images but no class folders; labelled "
-                "data needs one folder per class (root/<class>/<image>)"
-            )
-        raise DataError(f"{what} folder {root} is empty: no class folders, no images")
-    if class_order == "sorted":
-        if len(class_dirs) != len(labels):
-            raise DataError(
-                f"{what} folder {root} has {len(class_dirs)} class folders; with class order "
-                f"'sorted' it needs exactly one per model class ({len(labels)})"
-            )
-        mapping = {d: i for i, d in enumerate(class_dirs)}
-    else:
-        found = {d: labels.index_of(d.name) for d in class_dirs}
-        unknown = sorted(d.name for d, i in found.items() if i is None)
-        if unknown:
-            example = ", ".join(labels.ids[:3])
-            raise DataError(
-                f"{what} folder {root}: {len(unknown)} class folder(s) do not match the model's "
-                f"classes: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; "
-                f"folder names must be label ids such as {example} (or use class order 'sorted')"
-            )
-        mapping = {d: int(i) for d, i in found.items() if i is not None}
-    samples = [Sample(p, mapping[d]) for d in class_dirs for p in _images_under(d)]
-    if not samples:
-        raise DataError(f"{what} folder {root} has class folders but no image files in them")
-    return samples
-
-
-def scan_unlabelled(root: Path, what: str = "data") -> list[Sample]:
-    """Every image under ``root`` (any depth); enough for label-free BN recalibration."""
-    _check_folder(root, what)
-    samples = [Sample(p, -1) for p in _images_under(root)]
-    if not samples:
-        raise DataError(f"{what} folder {root} has no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return samples
 
 
 def _jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
@@ -173,7 +94,7 @@ class ImageDataset(Dataset):
 
     def __init__(
         self,
-        samples: list[Sample],
+        samples: list[LabelledImage],
         transform: FixResTransform,
         seed: int = 0,
         limits: DecodeLimits | None = None,
@@ -196,7 +117,7 @@ class ImageDataset(Dataset):
         try:
             img, _ = decode_image(sample.path.read_bytes(), self.limits)
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            return self.transform(img, rng), sample.label
+            return self.transform(img, rng), sample.target
         except (OSError, MidserveError):
             return None
 

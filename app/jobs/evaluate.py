@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from app.errors import DataError, EvalResultsError, InvalidRequestError, MidserveError
-from app.jobs.datasets import LabelledFolder, read_labelled_folder
+from app.jobs.datasets import CLASS_ORDERS, ClassOrder, LabelledFolder, read_labelled_folder
 from app.jobs.eval_results import EvalResult, write_eval_results
 from app.jobs.report import (
     Row,
@@ -239,6 +239,7 @@ class EvalOptions:
     configs: list[EvalConfig]
     sweep: Sweep | None = None
     labels_file: Path | None = None
+    class_order: ClassOrder = "ids"
     dataset_name: str = ""
     limit: int = 0
     seed: int = 0
@@ -274,6 +275,8 @@ def _run_key(opts: EvalOptions, configs: list[EvalConfig], cfg: Any) -> dict[str
         "data": str(opts.data.resolve()),
         "configs": [c.name for c in configs],
         "seed": opts.seed,
+        # only when set: run folders written before the option existed still resume
+        **({"class_order": opts.class_order} if opts.class_order != "ids" else {}),
     }
 
 
@@ -407,7 +410,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any] | None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     model = repo.load(opts.model, device)
     cfg = model.cfg
-    folder = read_labelled_folder(opts.data, model.labels, opts.labels_file)
+    folder = read_labelled_folder(opts.data, model.labels, opts.labels_file, opts.class_order)
     items = folder.items[: opts.limit] if opts.limit > 0 else folder.items
     configs = _all_configs(opts)
     key = _run_key(opts, configs, cfg)
@@ -647,6 +650,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         configs=configs,
         sweep=sweep,
         labels_file=args.labels_file,
+        class_order=args.class_order,
         dataset_name=args.dataset_name or "",
         limit=args.limit,
         seed=args.seed,
@@ -676,6 +680,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tf_efficientnet_lite0", help="model-repository name")
     p.add_argument("--data", type=Path, required=True, help="labelled image folder")
     p.add_argument("--labels-file", type=Path, default=None, help="val.txt or LOC_val_solution.csv")
+    p.add_argument(
+        "--class-order",
+        default="ids",
+        choices=CLASS_ORDERS,
+        help="class folders: ids = named by label id/synset/index; sorted = i-th folder is class i",
+    )
     p.add_argument("--dataset-name", default=None, help="name in eval.json (default: folder)")
     p.add_argument(
         "--configs",

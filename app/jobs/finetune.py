@@ -35,14 +35,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from app.errors import InvalidRequestError, MidserveError
-from app.jobs.data import (
-    AUGMENTS,
+from app.jobs.data import AUGMENTS, FixResTransform, ImageDataset, collate
+from app.jobs.datasets import (
+    CLASS_ORDERS,
     ClassOrder,
-    FixResTransform,
-    ImageDataset,
-    Sample,
-    collate,
-    scan_image_folder,
+    LabelledImage,
+    read_labelled_folder,
     scan_unlabelled,
 )
 from app.labels import load_labels
@@ -336,7 +334,7 @@ def _shard(dataset: ImageDataset, ctx: DistContext) -> Subset:
 @torch.no_grad()
 def evaluate_top1(
     network: nn.Module,
-    samples: list[Sample],
+    samples: list[LabelledImage],
     cfg: ModelConfig,
     ctx: DistContext,
     batch: int,
@@ -362,7 +360,7 @@ def evaluate_top1(
 @torch.no_grad()
 def recalibrate_batch_norm(
     network: nn.Module,
-    samples: list[Sample],
+    samples: list[LabelledImage],
     cfg: ModelConfig,
     ctx: DistContext,
     batch: int,
@@ -531,8 +529,12 @@ def _run(opts: FinetuneOptions, ctx: DistContext) -> FinetuneResult:
     if opts.bn_only:
         train_samples = scan_unlabelled(opts.data)
     else:
-        train_samples = scan_image_folder(opts.data, labels, opts.class_order)
-    val_samples = scan_image_folder(opts.val, labels, opts.class_order, "val") if opts.val else []
+        train_samples = read_labelled_folder(opts.data, labels, class_order=opts.class_order).items
+    val_samples = (
+        read_labelled_folder(opts.val, labels, class_order=opts.class_order, what="val").items
+        if opts.val
+        else []
+    )
     torch.manual_seed(opts.seed)
     network.to(ctx.device)
     local_batch = opts.batch_size // ctx.world
@@ -598,7 +600,7 @@ def _train(
     opts: FinetuneOptions,
     ctx: DistContext,
     target: ModelConfig,
-    samples: list[Sample],
+    samples: list[LabelledImage],
     folder: Path,
     settings: dict[str, Any],
     result: FinetuneResult,
@@ -827,8 +829,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="model name in the repository, or a model.toml path")
-    p.add_argument("--data", type=Path, required=True, help="ImageFolder (class or synset folders)")
-    p.add_argument("--val", type=Path, default=None, help="labelled ImageFolder for top-1")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="labelled folder: class folders, or flat + val.txt / LOC_val_solution.csv, or "
+        "<synset>_<name> files",
+    )
+    p.add_argument(
+        "--val", type=Path, default=None, help="labelled folder for top-1 (same layouts as --data)"
+    )
     p.add_argument("--test-size", type=int, default=None, help="new input size, e.g. 288, 320")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="global batch, all processes")
@@ -845,7 +855,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--class-order",
         default="ids",
-        choices=["ids", "sorted"],
+        choices=CLASS_ORDERS,
         help="ids: folder names are label ids/synsets; sorted: i-th folder is class i",
     )
     p.add_argument("--out", default=None, help="new model name (default <model>_fixres<size>)")

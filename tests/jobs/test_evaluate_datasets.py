@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import DataError
-from app.jobs.datasets import read_labelled_folder
+from app.errors import DataError, InvalidRequestError
+from app.jobs.datasets import read_labelled_folder, scan_unlabelled
 from app.labels import LabelSet
 from tests.helpers import image_bytes
 
@@ -125,3 +125,65 @@ def test_files_without_a_label_prefix_are_counted_not_guessed(tmp_path: Path) ->
     found = read_labelled_folder(tmp_path, LABELS)
     assert _pairs(found) == [("n01440764_tench.png", 0)]
     assert found.unlabelled == ["holiday.png"]
+
+
+# -- shared with finetune: class order 'sorted', images at any depth, unlabelled folders ------
+def test_imagefolder_finds_images_at_any_depth(tmp_path: Path) -> None:
+    _img(tmp_path / "n01443537" / "day1" / "a.png")
+    _img(tmp_path / "n01443537" / "b.png")
+    _img(tmp_path / "n01443537" / ".cache" / "hidden.png")
+    found = read_labelled_folder(tmp_path, LABELS)
+    assert [(str(it.path.relative_to(tmp_path)), it.target) for it in found.items] == [
+        ("n01443537/b.png", 1),
+        ("n01443537/day1/a.png", 1),
+    ]
+
+
+def test_sorted_class_order_numbers_the_folders(tmp_path: Path) -> None:
+    for name in ("shark", "goldfish", "tench"):
+        _img(tmp_path / name / f"{name}.png")
+    (tmp_path / "tench" / "empty").mkdir()
+    found = read_labelled_folder(tmp_path, LABELS, class_order="sorted")
+    assert found.layout == "imagefolder"
+    assert _pairs(found) == [("goldfish.png", 0), ("shark.png", 1), ("tench.png", 2)]
+    with pytest.raises(DataError, match="do not match the model's classes: goldfish"):
+        read_labelled_folder(tmp_path, LABELS)  # the default: names must be label ids
+
+
+def test_sorted_class_order_needs_one_folder_per_class(tmp_path: Path) -> None:
+    _img(tmp_path / "a" / "x.png")
+    _img(tmp_path / "b" / "y.png")
+    with pytest.raises(DataError, match="has 2 class folders.*exactly one per model class \\(3\\)"):
+        read_labelled_folder(tmp_path, LABELS, class_order="sorted")
+    flat = tmp_path / "flat"
+    _img(flat / "n01440764_tench.png")
+    with pytest.raises(DataError, match="no class folders"):
+        read_labelled_folder(flat, LABELS, class_order="sorted")
+    (flat / "val.txt").write_text("n01440764_tench.png 0\n")
+    with pytest.raises(InvalidRequestError, match="does not apply to a labels file"):
+        read_labelled_folder(flat, LABELS, flat / "val.txt", class_order="sorted")
+
+
+def test_empty_folders_with_unknown_names_are_ignored(tmp_path: Path) -> None:
+    _img(tmp_path / "n01440764" / "a.png")
+    (tmp_path / "checkpoints").mkdir()
+    assert _pairs(read_labelled_folder(tmp_path, LABELS)) == [("a.png", 0)]
+
+
+def test_flat_folder_without_labels_says_which_layouts_work(tmp_path: Path) -> None:
+    _img(tmp_path / "holiday.png")
+    with pytest.raises(DataError, match=r"1 images without a label.*one folder per class"):
+        read_labelled_folder(tmp_path, LABELS, what="val")
+
+
+def test_unlabelled_folder_lists_every_image(tmp_path: Path) -> None:
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "sub" / "b.JFIF")
+    (tmp_path / "notes.txt").write_text("no")
+    assert [(p.path.name, p.target) for p in scan_unlabelled(tmp_path)] == [
+        ("a.png", -1),
+        ("b.JFIF", -1),
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        scan_unlabelled(tmp_path / "empty")

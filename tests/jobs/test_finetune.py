@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -178,6 +179,23 @@ def test_bn_only_changes_running_statistics_only(repo: Path, tmp_path: Path) -> 
     bns = {k.rsplit(".", 1)[0] for k in before if k.endswith("running_mean")}
     assert {k.rsplit(".", 1)[0] for k in changed} == bns  # every batch-norm re-estimated
     assert result.images == 12 and result.cfg.provenance["job"] == "bn-only"
+
+
+def test_flat_folder_with_val_txt_trains_and_validates(
+    repo: Path, data: Path, tmp_path: Path
+) -> None:
+    """The evaluate layouts work for finetune too: a flat folder plus val.txt."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lines = []
+    for p in sorted(data.rglob("*.png")):
+        name = f"img_{p.parent.name}_{p.stem}.png"
+        shutil.copy(p, flat / name)
+        lines.append(f"{name} {p.parent.name}")
+    (flat / "val.txt").write_text("\n".join(lines) + "\n")
+    result = run_finetune(options(repo, flat, out="tiny_flat", epochs=1, val=flat))
+    assert result.images == 32 and result.cfg.provenance["val_images"] == 32
+    assert result.val_top1 is not None
 
 
 # -- bad input ----------------------------------------------------------------------------------
