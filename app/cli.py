@@ -102,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["MIDSERVE_DEVICE"] = args.device
     if args.dtype:
         os.environ["MIDSERVE_DTYPE"] = args.dtype
+    if args.compile:
+        os.environ["MIDSERVE_COMPILE"] = "true"
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; with this
     # handler in place that re-raise ends the process with status 0 (a clean, asked-for stop)
     # instead of -15, which supervisors would report as a crash.
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=cmd_serve)
 

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on CPUs with native bf16, else float32) | float32 | ...
     chunk_views: int = 0  # views per forward chunk; 0 = per-device default
+    compile: bool = False  # torch.compile the forward (slower start-up, faster forwards)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     warmup: bool = True
 

@@ -24,7 +24,9 @@ from app.tta.preprocess import DecodeLimits, PreparedImage, cut_views, load_and_
 from app.tta.views import View, ViewSpec, boxes_in_original, plan_views
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_CHUNK_VIEWS = {"cpu": 10, "cuda": 128}
+# Views per forward: on a 2-core EPYC, lite0 runs fastest at 4-10 views per pass (bench/levers.py);
+# larger batches fall out of cache. GPUs want large batches.
+DEFAULT_CHUNK_VIEWS = {"cpu": 8, "cuda": 128}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -116,6 +118,7 @@ class Engine:
         dtype: str = "float32",
         chunk_views: int = 0,
         limits: DecodeLimits | None = None,
+        compile: bool = False,
     ) -> None:
         dtype = resolve_dtype(dtype, model.device)
         if dtype not in DTYPES:
@@ -126,6 +129,9 @@ class Engine:
         self.dtype = DTYPES[dtype]
         self.chunk_views = chunk_views or DEFAULT_CHUNK_VIEWS.get(self.device.type, 32)
         self.limits = limits or DecodeLimits()
+        # torch.compile'd forward (opt-in): one static shape, so partial chunks are padded
+        # to chunk_views and compiled once, at warm-up rather than on a request.
+        self._compiled: Any = torch.compile(self._forward, dynamic=False) if compile else None
 
     @property
     def cfg(self):  # noqa: ANN201 - ModelConfig, kept short for call sites
@@ -156,16 +162,27 @@ class Engine:
         for start in range(0, batch.shape[0], self.chunk_views):
             yield batch[start : start + self.chunk_views]
 
-    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.model.features(x)
+        return f, self.model.head(f)
+
     def run_views(self, batch: torch.Tensor) -> ViewOutputs:
         """Features and logits of a stack of views [N, 3, S, S], chunked for the device."""
         feats, logits = [], []
-        with self._autocast():
+        compiled = self._compiled
+        # dynamo does not trace under inference_mode; no_grad is its equivalent there
+        grad_off = torch.no_grad() if compiled is not None else torch.inference_mode()
+        with grad_off, self._autocast():
             for chunk in self._chunks(batch):
-                x = chunk.to(self.device).contiguous(memory_format=torch.channels_last)
-                f = self.model.features(x)
-                feats.append(f.float())
-                logits.append(self.model.head(f).float())
+                n = int(chunk.shape[0])
+                x = chunk.to(self.device)
+                if compiled is not None and n < self.chunk_views:
+                    pad = x.new_zeros((self.chunk_views - n, *x.shape[1:]))
+                    x = torch.cat([x, pad])
+                x = x.contiguous(memory_format=torch.channels_last)
+                f, out = (compiled or self._forward)(x)
+                feats.append(f[:n].float())
+                logits.append(out[:n].float())
         return ViewOutputs(torch.cat(feats), torch.cat(logits))
 
     @torch.inference_mode()

@@ -121,7 +121,8 @@ class ClassifyService:
 
     def _load_and_warm(self, name: str) -> Engine:
         model = self.repository.load(name, self.device)
-        engine = Engine(model, self.settings.dtype, self.settings.chunk_views, self.limits)
+        s = self.settings
+        engine = Engine(model, s.dtype, s.chunk_views, self.limits, compile=s.compile)
         if self.settings.warmup:
             size = model.cfg.input_size
             engine.run_views(torch.zeros(engine.chunk_views, 3, size, size))

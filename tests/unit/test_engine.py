@@ -84,3 +84,16 @@ def test_bad_parameters_are_domain_errors(tiny_engine: Engine) -> None:
         tiny_engine.classify(data, parse_view_spec("center"), top_k=0)
     with pytest.raises(InvalidRequestError, match="top_k"):
         tiny_engine.classify(data, parse_view_spec("center"), top_k=11)
+
+
+@pytest.mark.slow
+def test_compiled_forward_pads_partial_chunks_and_matches_eager(tiny_repo) -> None:
+    from app.repository import ModelRepository
+
+    model = ModelRepository(tiny_repo).load("tiny", "cpu")
+    eager = Engine(model, chunk_views=4)
+    compiled = Engine(model, chunk_views=4, compile=True)
+    batch = torch.randn(7, 3, 64, 64)  # one full chunk of 4, one partial of 3 (padded)
+    a, b = eager.run_views(batch), compiled.run_views(batch)
+    assert b.logits.shape == (7, 10) and b.features.shape == a.features.shape
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
