@@ -226,24 +226,29 @@ class ViewBatcher:
                 if not job.started:
                     job.started = True
                     job.timings.queue_wait_s = now - job.enqueued_at
-            stacked = torch.cat([p.job.views[p.start : p.stop] for p in batch])
+            parts = [p.job.views[p.start : p.stop] for p in batch]
+            n_views = sum(p.size for p in batch)
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, stacked)
-                if outputs.logits.shape[0] != stacked.shape[0]:
+                outputs = await loop.run_in_executor(self._executor, self._run_parts, parts)
+                if outputs.logits.shape[0] != n_views:
                     raise RuntimeError(
-                        f"forward returned {outputs.logits.shape[0]} rows for "
-                        f"{stacked.shape[0]} views"
+                        f"forward returned {outputs.logits.shape[0]} rows for {n_views} views"
                     )
             except Exception as exc:  # the forward failed: fail this batch's requests only
-                log.exception("forward of %d views failed", stacked.shape[0])
+                log.exception("forward of %d views failed", n_views)
                 for job in jobs.values():
                     if not job.future.done():
                         job.future.set_exception(exc)
                     self._abandon(job)
                 continue
             elapsed = time.perf_counter() - now
-            self._record(len(jobs), int(stacked.shape[0]), elapsed)
+            self._record(len(jobs), n_views, elapsed)
             self._deliver(batch, outputs, elapsed)
+
+    def _run_parts(self, parts: list[torch.Tensor]) -> ViewOutputs:
+        """On the forward thread: every torch op stays on the one thread that runs the
+        network, so no second OpenMP team competes with it for the cores."""
+        return self._run(parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _record(self, n_jobs: int, n_views: int, elapsed: float) -> None:
         rate = n_views / max(elapsed, 1e-6)

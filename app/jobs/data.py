@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage
 from app.model_config import ModelConfig
-from app.tta.preprocess import _RESAMPLE, DecodeLimits, decode_image, prepare_image
+from app.tta.preprocess import _RESAMPLE, DecodeLimits, cut_views, decode_image, prepare_image
 from app.tta.views import View, parse_view_spec, plan_views
 
 Augment = Literal["test", "test2", "train", "center"]
@@ -75,8 +75,8 @@ class FixResTransform:
             img = img.crop((left, top, left + bw, top + bh))
             img = _jitter(img, TRAIN_JITTER, rng)
             img = img.resize((size, size), _RESAMPLE[self.cfg.interpolation])
-            tensor = prepare_image(img, self.cfg.with_changes(crop_pct=1.0), self.cpu).tensor
-            return tensor.flip(-1) if rng.random() < 0.5 else tensor
+            tensor = prepare_image(img, self.cfg.with_changes(crop_pct=1.0), self.cpu).chw
+            return (tensor.flip(-1) if rng.random() < 0.5 else tensor).contiguous()
         if self.augment == "test2":
             img = _jitter(img, DA2_JITTER, rng)
         image = prepare_image(img, self.cfg, self.cpu)
@@ -85,8 +85,7 @@ class FixResTransform:
         if self.augment == "test2":
             x = int(rng.integers(0, w - size + 1))
             view = View("da2", x, view.y, size, bool(rng.random() < 0.5))
-        crop = image.tensor[:, view.y : view.y + size, view.x : view.x + size]
-        return (crop.flip(-1) if view.flip else crop).contiguous()
+        return cut_views(image, [view])[0].contiguous()
 
 
 class ImageDataset(Dataset):

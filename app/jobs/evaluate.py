@@ -349,7 +349,7 @@ class _Evaluator:
         """Records for a few images at once: one run_views over all their pools."""
         stacks = []
         for p in batch:
-            p.image.tensor = p.image.tensor.to(self.engine.device)
+            p.image.hwc = p.image.hwc.to(self.engine.device)
             stacks.append(cut_views(p.image, p.views))
         out = self.engine.run_views(torch.cat(stacks))
         head = self.engine.model.head

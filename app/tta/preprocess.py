@@ -31,15 +31,24 @@ class DecodeLimits:
 
 @dataclass
 class PreparedImage:
-    """The one normalised tensor every view of this image is cut from."""
+    """The one normalised tensor every view of this image is cut from.
 
-    tensor: torch.Tensor  # [3, H, W] float32, normalised, on the model's device
+    Kept height x width x channels: a stack of views cut from it is already in the
+    channels_last layout the network runs fastest in, so no view is copied twice.
+    """
+
+    hwc: torch.Tensor  # [H, W, 3] float32, normalised, on the model's device
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     format: str
 
     @property
     def resized_size(self) -> tuple[int, int]:
-        return int(self.tensor.shape[2]), int(self.tensor.shape[1])
+        return int(self.hwc.shape[1]), int(self.hwc.shape[0])
+
+    @property
+    def chw(self) -> torch.Tensor:
+        """[3, H, W] view of the same memory."""
+        return self.hwc.permute(2, 0, 1)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -114,12 +123,20 @@ def prepare_image(
     w, h = img.size
     new_w, new_h = resized_shape(w, h, cfg.resize_size)
     resized = img.resize((new_w, new_h), _RESAMPLE[cfg.interpolation])
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())  # [H, W, 3]
-    tensor = pixels.to(device, non_blocking=True).permute(2, 0, 1).float()
-    mean = torch.tensor(cfg.mean, device=device).view(3, 1, 1) * 255.0
-    std = torch.tensor(cfg.std, device=device).view(3, 1, 1) * 255.0
-    tensor = (tensor - mean) / std
-    return PreparedImage(tensor=tensor, original_size=(w, h), format=image_format)
+    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
+    std = np.asarray(cfg.std, dtype=np.float32) * 255.0
+    if device.type == "cpu":
+        # numpy, not torch: torch ops here would start a second OpenMP team in this worker
+        # thread, whose spinning threads steal the cores from the forward pass
+        pixels = np.asarray(resized, dtype=np.float32)  # [H, W, 3], a fresh array
+        pixels -= mean
+        pixels /= std
+        hwc = torch.from_numpy(pixels)
+    else:  # upload bytes, normalise on the device
+        raw = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
+        on_device = raw.to(device, non_blocking=True).float()
+        hwc = (on_device - torch.from_numpy(mean).to(device)) / torch.from_numpy(std).to(device)
+    return PreparedImage(hwc=hwc, original_size=(w, h), format=image_format)
 
 
 def load_and_prepare(
@@ -130,10 +147,17 @@ def load_and_prepare(
 
 
 def cut_views(image: PreparedImage, views: list[View]) -> torch.Tensor:
-    """Stack the views on the batch dimension: slices of the one tensor, flipped where asked."""
-    t = image.tensor
-    crops = []
-    for v in views:
-        crop = t[:, v.y : v.y + v.size, v.x : v.x + v.size]
-        crops.append(crop.flip(-1) if v.flip else crop)
-    return torch.stack(crops)
+    """Stack the views on the batch dimension: slices of the one tensor, flipped where asked.
+
+    Returns [N, 3, S, S] in channels_last memory (one copy per view, numpy on the CPU).
+    """
+    t = image.hwc
+    if t.device.type == "cpu":
+        a = t.numpy()
+        crops = [a[v.y : v.y + v.size, v.x : v.x + v.size] for v in views]
+        flipped = [c[:, ::-1] if v.flip else c for c, v in zip(crops, views, strict=True)]
+        batch = torch.from_numpy(np.stack(flipped))
+    else:
+        gpu = [t[v.y : v.y + v.size, v.x : v.x + v.size] for v in views]
+        batch = torch.stack([c.flip(1) if v.flip else c for c, v in zip(gpu, views, strict=True)])
+    return batch.permute(0, 3, 1, 2)
