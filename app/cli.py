@@ -12,8 +12,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.errors import MidserveError
+
+if TYPE_CHECKING:
+    from app.tta.views import ViewSpec
 
 Handler = Callable[[argparse.Namespace], int]
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
@@ -25,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
 
 
-def _views_from_args(args: argparse.Namespace, default: str):  # noqa: ANN202
+def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
     from app.tta.views import default_policy, parse_view_spec
 
     if args.views and args.crops:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from app.errors import InvalidRequestError
+from app.model_config import ModelConfig
 from app.repository import LoadedModel
 from app.tta.adaptive import resolve_spec
 from app.tta.averaging import LEVELS, Level, average_probabilities
@@ -134,7 +135,7 @@ class Engine:
         self._compiled: Any = torch.compile(self._forward, dynamic=False) if compile else None
 
     @property
-    def cfg(self):  # noqa: ANN201 - ModelConfig, kept short for call sites
+    def cfg(self) -> ModelConfig:
         return self.model.cfg
 
     # -- preprocessing (thread-safe, CPU bound; the server runs it off the event loop) --

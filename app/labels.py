@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from app.errors import ModelConfigError
@@ -22,9 +22,9 @@ class LabelSet:
         if isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit()):
             idx = int(label)
             return idx if 0 <= idx < len(self.ids) else None
-        return self._positions().get(str(label).strip())
+        return self._positions.get(str(label).strip())
 
-    @lru_cache(maxsize=1)  # noqa: B019 - one LabelSet per model, lives as long as the process
+    @cached_property
     def _positions(self) -> dict[str, int]:
         return {s: i for i, s in enumerate(self.ids)}
 
