@@ -284,11 +284,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.no_http:
         env = {"MIDSERVE_DEVICE": str(device), "MIDSERVE_DTYPE": out["dtype"],
-               "MIDSERVE_COMPILE": "true" if args.compile else "false",
-               "MIDSERVE_CHUNK_VIEWS": str(engine.chunk_views)}  # fmt: skip
+               "MIDSERVE_COMPILE": "true" if args.compile else "false"}  # fmt: skip
         params = {"views": str(spec), "level": args.level}
-        settings = {"batched": {"MIDSERVE_MAX_BATCH_VIEWS": str(max(engine.chunk_views, 40)),
-                                "MIDSERVE_MAX_WAIT_MS": "2"},
+        # batched: the server's own defaults; unbatched: requests never share a forward
+        settings = {"batched": {},
                     "unbatched": {"MIDSERVE_MAX_BATCH_VIEWS": str(spec.total),
                                   "MIDSERVE_MAX_WAIT_MS": "0"}}  # fmt: skip
         modes = ["batched", "unbatched"] if args.http_matrix else ["batched"]

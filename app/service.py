@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,23 @@ from app.tta.views import View, ViewSpec
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed"]
+
+
+def forward_plan(settings: Settings, device: torch.device) -> tuple[int, int, int]:
+    """(forwards at once, intra-op threads each, views per forward; 0 = the engine's default).
+
+    On a CPU with 2+ cores: two single-threaded forwards of 5 views rather than one
+    two-threaded forward of 10. Measured on the 2-core dev VM: about 1.3x the throughput in
+    isolation, and no OpenMP barrier stalls when decode threads or the event loop take a
+    core for a moment; a 10-view request still uses both cores (two 5-view pieces).
+    """
+    cores = os.cpu_count() or 1
+    if device.type != "cpu":
+        return settings.forward_workers or 1, settings.threads, 0
+    workers = settings.forward_workers or (2 if cores >= 2 else 1)
+    threads = settings.threads or max(1, cores // workers)
+    chunk = 5 if workers > 1 else 0
+    return workers, threads, chunk
 
 
 @dataclass
@@ -75,6 +93,9 @@ class ClassifyService:
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_workers, "preprocess")
         self._load_task: asyncio.Task[None] | None = None
         self._eval_mtimes: dict[str, float] = {}
+        self.forward_workers, self.threads_per_forward, self.default_chunk = forward_plan(
+            settings, self.device
+        )
 
     # -- lifecycle ------------------------------------------------------------------
     def served_names(self) -> list[str]:
@@ -84,8 +105,8 @@ class ClassifyService:
         return list(dict.fromkeys(wanted))
 
     async def start(self) -> None:
-        if self.settings.threads > 0:
-            torch.set_num_threads(self.settings.threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads_per_forward)
         for name in self.served_names():
             self.slots[name] = ModelSlot(name)
             self.metrics.model_ready.labels(name).set(0)
@@ -108,6 +129,7 @@ class ClassifyService:
                 max_wait_s=s.max_wait_ms / 1000.0,
                 max_queue_views=max(s.max_queue_views, 1),
                 metrics=self.metrics,
+                workers=self.forward_workers,
             )
             batcher.start()
             slot.engine, slot.batcher, slot.state = engine, batcher, "ready"
@@ -122,7 +144,8 @@ class ClassifyService:
     def _load_and_warm(self, name: str) -> Engine:
         model = self.repository.load(name, self.device)
         s = self.settings
-        engine = Engine(model, s.dtype, s.chunk_views, self.limits, compile=s.compile)
+        chunk = s.chunk_views or self.default_chunk
+        engine = Engine(model, s.dtype, chunk, self.limits, compile=s.compile)
         if self.settings.warmup:
             size = model.cfg.input_size
             engine.run_views(torch.zeros(engine.chunk_views, 3, size, size))

@@ -108,3 +108,38 @@ def test_timed_out_views_are_dropped_not_run(tiny_engine: Engine) -> None:
 
     asyncio.run(go())
     assert run.sizes == []  # the forward never saw the abandoned views
+
+
+def test_two_workers_run_forwards_at_once_and_keep_view_order(tiny_engine: Engine) -> None:
+    import threading
+
+    lock = threading.Lock()
+    state = {"active": 0, "peak": 0}
+
+    def run(batch: torch.Tensor) -> ViewOutputs:
+        with lock:
+            state["active"] += 1
+            state["peak"] = max(state["peak"], state["active"])
+        try:
+            for _ in range(3):  # long enough for the other worker to start
+                out = tiny_engine.run_views(batch)
+            return out
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    inputs = [_views(n, 10 + i) for i, n in enumerate((9, 4, 6, 10, 3))]
+
+    async def go() -> list[ViewOutputs]:
+        b = ViewBatcher("tiny", run, max_batch_views=4, max_wait_s=0.0, max_queue_views=100,
+                        metrics=Metrics(), workers=2)  # fmt: skip
+        b.start()
+        outs = await asyncio.gather(*(b.submit(x, 30) for x in inputs))
+        await b.stop()
+        return [o for o, _ in outs]
+
+    outs = asyncio.run(go())
+    assert state["peak"] == 2
+    for x, out in zip(inputs, outs, strict=True):
+        torch.testing.assert_close(out.logits, tiny_engine.run_views(x).logits, rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
