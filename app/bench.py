@@ -25,7 +25,7 @@ from app.engine import Engine, pick_device
 from app.repository import LoadedModel, ModelRepository, default_models_dir
 from app.tta.views import ViewSpec, default_policy, parse_view_spec
 
-HTTP_ROUNDS = 3
+ROUNDS = 3
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-samples"
 
 
@@ -265,8 +265,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         engine.run_views(torch.zeros(engine.chunk_views, 3, size, size, device=device))
         out["compile_warmup_s"] = time.perf_counter() - t0
         out["raw_forward_views_per_s"] = raw_forward(engine, engine.chunk_views, d)
-    out["engine_views_per_s"] = engine_throughput(engine, images, spec, args.level, d)
-    out["naive_views_per_s"] = naive_throughput(model, images, min(spec.total, 10), d)
+    # interleaved rounds, medians: the machine's speed drifts between one phase and the next
+    engine_runs, naive_runs = [], []
+    for _ in range(ROUNDS):
+        engine_runs.append(engine_throughput(engine, images, spec, args.level, d / ROUNDS))
+        naive_runs.append(naive_throughput(model, images, min(spec.total, 10), d / ROUNDS))
+    out["engine_views_per_s"] = statistics.median(engine_runs)
+    out["naive_views_per_s"] = statistics.median(naive_runs)
     out["efficiency"] = out["engine_views_per_s"] / out["bound_views_per_s"]
     out["speedup_vs_naive"] = out["engine_views_per_s"] / out["naive_views_per_s"]
 
@@ -300,15 +305,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 servers[mode] = _server(models_dir, args.model, {**env, **settings[mode]})
             # The machine's speed drifts from minute to minute: interleave short rounds of the
             # in-process engine and every HTTP setting, so each ratio compares like with like.
-            for r in range(HTTP_ROUNDS):
+            for r in range(ROUNDS):
                 engine_rounds.append(
-                    engine_throughput(engine, images, spec, args.level, d / HTTP_ROUNDS)
+                    engine_throughput(engine, images, spec, args.level, d / ROUNDS)
                 )
                 for mode in modes:
                     for c in levels:
                         rounds[f"http_{mode}_c{c}"].append(
                             http_load(servers[mode][1], args.model, images, params, c,
-                                      d / HTTP_ROUNDS, warmup_s=1.0 if r == 0 else 0.2)
+                                      d / ROUNDS, warmup_s=1.0 if r == 0 else 0.2)
                         )  # fmt: skip
         finally:
             for proc, _ in servers.values():
