@@ -21,7 +21,14 @@ from app.model_config import ModelConfig
 from app.repository import LoadedModel
 from app.tta.adaptive import resolve_spec
 from app.tta.averaging import LEVELS, Level, average_probabilities
-from app.tta.preprocess import DecodeLimits, PreparedImage, cut_views, load_and_prepare
+from app.tta.preprocess import (
+    DecodeLimits,
+    PreparedImage,
+    cut_views,
+    decode_image,
+    load_and_prepare,
+    prepare_image,
+)
 from app.tta.views import View, ViewSpec, boxes_in_original, plan_views
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +117,18 @@ def check_level(level: str) -> Level:
     return level
 
 
+@dataclass
+class PreparedViews:
+    """An image decoded, resized, planned and cut into views: ready for a forward pass."""
+
+    image: PreparedImage
+    views: list[View]
+    seed: int
+    spec: ViewSpec  # as used: ``auto`` resolved for this image
+    batch: torch.Tensor  # [N, 3, S, S], channels_last
+    timings: dict[str, float]  # seconds: decode, resize, views
+
+
 class Engine:
     """One model on one device, ready to classify prepared images."""
 
@@ -152,6 +171,20 @@ class Engine:
         size = self.model.cfg.input_size
         used = resolve_spec(spec, w, h, size)
         return plan_views(used, w, h, size, seed), seed, used
+
+    def prepare_views(self, data: bytes, spec: ViewSpec, seed: int | None) -> PreparedViews:
+        """Decode, resize, plan and cut: everything before the forward pass, CPU bound and
+        thread-safe (the server runs it off the event loop)."""
+        t0 = time.perf_counter()
+        img, fmt = decode_image(data, self.limits)
+        t1 = time.perf_counter()
+        image = prepare_image(img, self.model.cfg, self.device, fmt)
+        t2 = time.perf_counter()
+        views, used_seed, used = self.plan(image, spec, seed)
+        batch = cut_views(image, views)
+        t3 = time.perf_counter()
+        timings = {"decode": t1 - t0, "resize": t2 - t1, "views": t3 - t2}
+        return PreparedViews(image, views, used_seed, used, batch, timings)
 
     # -- the forward pass -------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -229,22 +262,17 @@ class Engine:
     ) -> Prediction:
         lvl = check_level(level)
         self.check_top_k(top_k)
+        p = self.prepare_views(data, spec, seed)
         t0 = time.perf_counter()
-        image = self.prepare(data)
+        outputs = self.run_views(p.batch)
         t1 = time.perf_counter()
-        views, seed, used = self.plan(image, spec, seed)
-        batch = cut_views(image, views)
-        t2 = time.perf_counter()
-        outputs = self.run_views(batch)
-        t3 = time.perf_counter()
-        prediction = self.predict(image, views, seed, used, outputs, lvl, top_k)
+        prediction = self.predict(p.image, p.views, p.seed, p.spec, outputs, lvl, top_k)
         prediction.policy = str(spec)
-        t4 = time.perf_counter()
         prediction.timings = {
-            "decode_resize": t1 - t0,
-            "views": t2 - t1,
-            "forward": t3 - t2,
-            "postprocess": t4 - t3,
+            "decode_resize": p.timings["decode"] + p.timings["resize"],
+            "views": p.timings["views"],
+            "forward": t1 - t0,
+            "postprocess": time.perf_counter() - t1,
         }
         return prediction
 

@@ -12,14 +12,14 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from app.batching import ViewBatcher
 from app.config import Settings
-from app.engine import Engine, Prediction, pick_device
+from app.engine import Engine, Prediction, PreparedViews, pick_device
 from app.errors import (
     DeadlineExceededError,
     EvalResultsError,
@@ -31,8 +31,8 @@ from app.jobs.eval_results import EVAL_FILE, read_eval_results
 from app.metrics import Metrics
 from app.repository import ModelRepository
 from app.tta.averaging import Level
-from app.tta.preprocess import DecodeLimits, PreparedImage, cut_views, decode_image, prepare_image
-from app.tta.views import View, ViewSpec
+from app.tta.preprocess import DecodeLimits
+from app.tta.views import ViewSpec
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed"]
@@ -68,18 +68,6 @@ class ModelSlot:
             why = self.error if self.state == "failed" else "still loading"
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {why}")
         return self.engine, self.batcher
-
-
-@dataclass
-class Prepared:
-    """An image decoded, resized, planned and cut into views (CPU work done off the loop)."""
-
-    image: PreparedImage
-    views: list[View]
-    seed: int
-    spec: ViewSpec  # as used: ``auto`` resolved for this image
-    batch: torch.Tensor
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class ClassifyService:
@@ -196,19 +184,16 @@ class ClassifyService:
         return self.slots[name]
 
     # -- one image ------------------------------------------------------------------
-    def _prepare(self, engine: Engine, data: bytes, spec: ViewSpec, seed: int | None) -> Prepared:
-        t0 = time.perf_counter()
-        img, fmt = decode_image(data, self.limits)
-        t1 = time.perf_counter()
-        image = prepare_image(img, engine.cfg, engine.device, fmt)
-        views, used_seed, used = engine.plan(image, spec, seed)
+    def _prepare(
+        self, engine: Engine, data: bytes, spec: ViewSpec, seed: int | None
+    ) -> PreparedViews:
+        prepared = engine.prepare_views(data, spec, seed)
         limit = self.settings.max_views_per_request
-        if len(views) > limit:
-            raise LimitExceededError(f"{len(views)} views for this image; the limit is {limit}")
-        batch = cut_views(image, views)
-        t2 = time.perf_counter()
-        timings = {"decode": t1 - t0, "preprocess": t2 - t1}
-        return Prepared(image, views, used_seed, used, batch, timings)
+        if len(prepared.views) > limit:  # ``auto`` is only known per image
+            raise LimitExceededError(
+                f"{len(prepared.views)} views for this image; the limit is {limit}"
+            )
+        return prepared
 
     async def classify_image(
         self,
@@ -240,7 +225,8 @@ class ClassifyService:
         )
         pred.policy = str(spec)
         timings = {
-            **prepared.timings,
+            "decode": prepared.timings["decode"],
+            "preprocess": prepared.timings["resize"] + prepared.timings["views"],
             "queue_wait": batch_timings.queue_wait_s,
             "forward": batch_timings.forward_s,
             "postprocess": time.perf_counter() - t0,
