@@ -39,11 +39,21 @@ def _timed_loop(fn: Callable[[], int], duration_s: float, min_iters: int = 3) ->
     return done / (time.perf_counter() - start)
 
 
-def gemm_gflops(duration_s: float, n: int = 1024) -> float:
-    """fp32 matmul throughput now, on this machine (the compute bound's numerator)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    per_call = 2 * n**3 / 1e9
-    return per_call * _timed_loop(lambda: (torch.mm(a, b), 1)[1], duration_s)
+def gemm_gflops(duration_s: float, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
+    """Matmul throughput now, on this device (the compute bound's numerator)."""
+    device = torch.device(device)
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def one() -> int:
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return 1
+
+    return 2 * n**3 / 1e9 * _timed_loop(one, duration_s)
 
 
 def model_gflops_per_view(model: LoadedModel) -> float:
@@ -118,8 +128,9 @@ def naive_throughput(model: LoadedModel, images: list[bytes], views: int,
 
 def dtype_agreement(model: LoadedModel, images: list[bytes], spec: ViewSpec, dtype: str,
                     chunk: int) -> dict[str, float]:  # fmt: skip
-    """Top-1 agreement and max probability difference of ``dtype`` against float32."""
-    ref, fast = Engine(model, "float32", chunk), Engine(model, dtype, chunk)
+    """Top-1 agreement and max probability difference of the served path (``dtype``, fused
+    network) against the plain float32 network."""
+    ref, fast = Engine(model, "float32", chunk, fuse=False), Engine(model, dtype, chunk)
     agree, max_diff = 0, 0.0
     for i, data in enumerate(images):
         a = ref.classify(data, spec, top_k=1, seed=i)
@@ -239,12 +250,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                            "threads": torch.get_num_threads()}  # fmt: skip
     rows: list[tuple[str, str]] = []
 
-    out["gemm_gflops"] = gemm_gflops(d)
+    out["gemm_gflops"] = gemm_gflops(d, device)
     out["model_gflops_per_view"] = model_gflops_per_view(model)
     out["bound_views_per_s"] = out["gemm_gflops"] / out["model_gflops_per_view"]
 
-    engine = Engine(model, args.dtype, args.chunk_views)
+    engine = Engine(model, args.dtype, args.chunk_views, fuse=not args.no_fuse)
     out["dtype"] = engine.dtype_name
+    out["fusion"] = engine.fusion.describe() if engine.fusion else "off"
     chunks = sorted({1, 2, 4, 8, 10, 16, spec.total, engine.chunk_views})
     # rounds interleaved, median per chunk: one noisy second cannot pick the chunk
     chunk_rounds: dict[int, list[float]] = {c: [] for c in chunks}
@@ -259,25 +271,42 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     engine.chunk_views = args.chunk_views or best_chunk
     if args.compile:
         out["eager_engine_views_per_s"] = engine_throughput(engine, images, spec, args.level, d)
-        engine = Engine(model, engine.dtype_name, engine.chunk_views, compile=True)
+        engine = Engine(model, engine.dtype_name, engine.chunk_views, compile=True,
+                        fuse=not args.no_fuse)  # fmt: skip
         size = model.cfg.input_size
         t0 = time.perf_counter()
         engine.run_views(torch.zeros(engine.chunk_views, 3, size, size, device=device))
         out["compile_warmup_s"] = time.perf_counter() - t0
         out["raw_forward_views_per_s"] = raw_forward(engine, engine.chunk_views, d)
     # interleaved rounds, medians: the machine's speed drifts between one phase and the next
-    engine_runs, naive_runs = [], []
+    # the same engine on the network as loaded: what the inference rewrites buy
+    unfused = None if args.no_fuse else Engine(model, engine.dtype_name, engine.chunk_views,
+                                               fuse=False)  # fmt: skip
+    engine_runs, naive_runs, unfused_runs = [], [], []
     for _ in range(ROUNDS):
         engine_runs.append(engine_throughput(engine, images, spec, args.level, d / ROUNDS))
         naive_runs.append(naive_throughput(model, images, min(spec.total, 10), d / ROUNDS))
+        if unfused is not None:
+            unfused_runs.append(engine_throughput(unfused, images, spec, args.level, d / ROUNDS))
     out["engine_views_per_s"] = statistics.median(engine_runs)
     out["naive_views_per_s"] = statistics.median(naive_runs)
+    if unfused_runs:
+        out["engine_unfused_views_per_s"] = statistics.median(unfused_runs)
+        out["fusion_speedup"] = out["engine_views_per_s"] / out["engine_unfused_views_per_s"]
     out["efficiency"] = out["engine_views_per_s"] / out["bound_views_per_s"]
+    if engine.dtype != torch.float32:
+        # fp32 is not the ceiling of a bf16/fp16 forward: its own matmul rate is
+        gemm = gemm_gflops(d, device, engine.dtype)
+        out[f"gemm_gflops_{engine.dtype_name}"] = gemm
+        out[f"bound_views_per_s_{engine.dtype_name}"] = gemm / out["model_gflops_per_view"]
+        out[f"efficiency_{engine.dtype_name}"] = (
+            out["engine_views_per_s"] / out[f"bound_views_per_s_{engine.dtype_name}"]
+        )
     out["speedup_vs_naive"] = out["engine_views_per_s"] / out["naive_views_per_s"]
 
     if engine.dtype_name != "float32":
         # the same pipeline in float32, to state what the faster dtype buys
-        fp32 = Engine(model, "float32", engine.chunk_views)
+        fp32 = Engine(model, "float32", engine.chunk_views, fuse=not args.no_fuse)
         out["engine_float32_views_per_s"] = engine_throughput(fp32, images, spec, args.level, d)
         out["agreement_vs_float32"] = dtype_agreement(
             model, images, spec, engine.dtype_name, engine.chunk_views
@@ -289,7 +318,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.no_http:
         env = {"MIDSERVE_DEVICE": str(device), "MIDSERVE_DTYPE": out["dtype"],
-               "MIDSERVE_COMPILE": "true" if args.compile else "false"}  # fmt: skip
+               "MIDSERVE_COMPILE": "true" if args.compile else "false",
+               "MIDSERVE_FUSE": "false" if args.no_fuse else "true"}  # fmt: skip
         params = {"views": str(spec), "level": args.level}
         # batched: the server's own defaults; unbatched: requests never share a forward
         settings = {"batched": {},
@@ -369,6 +399,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also report this dtype's agreement with float32 on the photos",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    p.add_argument("--no-fuse", action="store_true", help="serve the network as loaded, "
+                   "without folded batch norms and static padding")  # fmt: skip
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
     p.add_argument(
         "--http-matrix",

@@ -8,6 +8,7 @@ the device, then average per image at the chosen level.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from app.errors import InvalidRequestError
+from app.fusion import FusionReport, fuse_for_inference
 from app.model_config import ModelConfig
 from app.repository import LoadedModel
 from app.tta.adaptive import resolve_spec
@@ -139,11 +141,18 @@ class Engine:
         chunk_views: int = 0,
         limits: DecodeLimits | None = None,
         compile: bool = False,
+        fuse: bool = True,
     ) -> None:
         dtype = resolve_dtype(dtype, model.device)
         if dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be auto or one of {', '.join(DTYPES)}")
         self.dtype_name = dtype
+        # batch norms folded, SAME paddings static: about 2x faster on CPU (app/fusion.py);
+        # the caller's network is left as it is (fine-tuning trains its batch norms)
+        self.fusion: FusionReport | None = None
+        if fuse:
+            network, self.fusion = fuse_for_inference(model.network, model.cfg.input_size)
+            model = dataclasses.replace(model, network=network)
         self.model = model
         self.device = model.device
         self.dtype = DTYPES[dtype]

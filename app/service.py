@@ -133,7 +133,7 @@ class ClassifyService:
         model = self.repository.load(name, self.device)
         s = self.settings
         chunk = s.chunk_views or self.default_chunk
-        engine = Engine(model, s.dtype, chunk, self.limits, compile=s.compile)
+        engine = Engine(model, s.dtype, chunk, self.limits, compile=s.compile, fuse=s.fuse)
         if self.settings.warmup:
             size = model.cfg.input_size
             engine.run_views(torch.zeros(engine.chunk_views, 3, size, size))

@@ -268,6 +268,7 @@ def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
         weights=cfg.weights.describe(),
         device=str(slot.engine.device) if slot.engine else None,
         dtype=slot.engine.dtype_name if slot.engine else None,
+        fusion=slot.engine.fusion.describe() if slot.engine and slot.engine.fusion else None,
         limits={
             "max_views_per_request": s.max_views_per_request,
             "max_images_per_request": s.max_images_per_request,

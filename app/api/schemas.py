@@ -69,6 +69,7 @@ class ModelOut(BaseModel):
     weights: str
     device: str | None = None
     dtype: str | None = None
+    fusion: str | None = None  # inference rewrites applied at load (app/fusion.py)
     limits: dict[str, float]
 
 

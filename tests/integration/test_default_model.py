@@ -27,3 +27,21 @@ def test_auto_dtype_follows_the_cpu(lite0_engine: Engine) -> None:
 
     engine = Engine(lite0_engine.model, dtype="auto")
     assert engine.dtype_name == ("bfloat16" if cpu_has_native_bf16() else "float32")
+
+
+@pytest.mark.slow
+def test_fused_network_predicts_as_the_original_on_real_photos(samples) -> None:
+    """Folded batch norms and static SAME padding are a rewrite, not an approximation:
+    in float32 every photo keeps its top-1 and its probabilities to rounding."""
+    from app.repository import ModelRepository, default_models_dir
+
+    model = ModelRepository(default_models_dir()).load("tf_efficientnet_lite0", "cpu")
+    fused, plain = Engine(model, "float32"), Engine(model, "float32", fuse=False)
+    assert fused.fusion is not None and fused.fusion.applied
+    assert (fused.fusion.folded_norms, fused.fusion.static_pads) == (49, 5)
+    center, ten = parse_view_spec("center"), parse_view_spec("fixed:5,mfixed:5")
+    for i, path in enumerate(samples):
+        data, spec = path.read_bytes(), ten if i % 10 == 0 else center
+        a, b = fused.classify(data, spec, seed=i), plain.classify(data, spec, seed=i)
+        assert a.top[0].index == b.top[0].index, path.name
+        assert float((a.probs - b.probs).abs().max()) < 1e-4, path.name

@@ -1,0 +1,99 @@
+"""Inference rewrites: the same outputs as the original network, or no rewrite at all."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers.conv2d_same import Conv2dSame
+from torch import nn
+
+from app.engine import Engine
+from app.fusion import StaticSamePadConv2d, fuse_for_inference
+from app.tta.views import parse_view_spec
+from tests.helpers import image_bytes
+
+
+def _calibrated(net: nn.Module, size: int) -> nn.Module:
+    """Non-trivial batch-norm statistics and affine parameters, so a wrong fold shows."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        net.train()
+        net(torch.randn(8, 3, size, size))
+    return net.eval()
+
+
+@pytest.mark.parametrize("size", [15, 16, 31, 32])
+@pytest.mark.parametrize(("kernel", "groups"), [(3, 1), (5, 8), (3, 8)])
+def test_static_same_padding_matches_dynamic(size: int, kernel: int, groups: int) -> None:
+    torch.manual_seed(size + kernel)
+    conv = Conv2dSame(8, 8, kernel, stride=2, groups=groups, bias=True)
+    x = torch.randn(2, 8, size, size)
+    static = StaticSamePadConv2d(conv, (size, size))
+    torch.testing.assert_close(static(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_static_same_padding_refuses_other_sizes() -> None:
+    conv = StaticSamePadConv2d(Conv2dSame(3, 4, 3, stride=2), (16, 16))
+    with pytest.raises(ValueError, match="fused for"):
+        conv(torch.randn(1, 3, 18, 18))
+
+
+def test_tf_network_is_folded_and_padded_with_the_same_outputs() -> None:
+    size = 64
+    net = _calibrated(timm.create_model("tf_efficientnet_lite0", num_classes=10), size)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused, report = fuse_for_inference(net, size)
+    assert report.applied and fused is not net
+    assert report.static_pads == 5  # the stem and the four stride-2 depthwise convolutions
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert report.folded_norms == norms
+    assert not any(isinstance(m, nn.BatchNorm2d | Conv2dSame) for m in fused.modules())
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
+    # the caller's network is untouched: fine-tuning still trains its batch norms
+    after = net.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class _ConvFeedsTwoPlaces(nn.Module):
+    """The convolution's output is read by the norm and by the residual sum: folding the
+    norm into the convolution would change the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return (self.bn(y) + y).mean((2, 3))
+
+
+def test_a_rewrite_that_changes_outputs_is_not_applied() -> None:
+    net = _calibrated(_ConvFeedsTwoPlaces(), 8)
+    fused, report = fuse_for_inference(net, 8)
+    assert report.folded_norms == 1
+    assert not report.applied and fused is net
+    assert "not applied" in report.describe()
+
+
+def test_engine_serves_the_fused_network_with_the_same_predictions(tiny_repo) -> None:
+    from app.repository import ModelRepository
+
+    model = ModelRepository(tiny_repo).load("tiny", "cpu")
+    fused, plain = Engine(model), Engine(model, fuse=False)
+    assert fused.fusion is not None and fused.fusion.applied and fused.fusion.folded_norms > 0
+    assert plain.fusion is None
+    spec = parse_view_spec("fixed:5,mfixed:5,random:4")
+    for seed in range(3):
+        data = image_bytes(seed=seed)
+        a = fused.classify(data, spec, level="feature", seed=seed)
+        b = plain.classify(data, spec, level="feature", seed=seed)
+        torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-5)
