@@ -117,6 +117,7 @@ class ViewBatcher:
             self.workers, thread_name_prefix=f"forward-{model_name}"
         )
         self._free_workers = asyncio.Semaphore(self.workers)
+        self._idle_workers = self.workers
         self._in_flight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._views_per_s = 0.0  # moving estimate, for Retry-After
@@ -189,9 +190,17 @@ class ViewBatcher:
             self.metrics.queue_views.labels(self.model_name).set(views)
 
     # -- the worker -----------------------------------------------------------------
+    def batch_size_now(self) -> int:
+        """Views for the next forward: full batches while the queue is deep; with idle
+        workers and a short queue, an even share each, so the views of a lone request run
+        on every idle worker at once instead of queueing behind each other."""
+        share = -(-self._queued_views // (self._idle_workers + 1))  # idle others + this one
+        return max(1, min(self.max_batch_views, share))
+
     def _take_batch(self) -> list[_Piece]:
-        """Up to max_batch_views views in arrival order; a piece that does not fit is split."""
-        room = self.max_batch_views
+        """Up to batch_size_now() views in arrival order; a piece that does not fit is split."""
+        room = self.batch_size_now()
+        now = time.perf_counter()
         batch: list[_Piece] = []
         while self._pending and room > 0:
             piece = self._pending[0]
@@ -206,15 +215,21 @@ class ViewBatcher:
                 taken = _Piece(piece.job, piece.start, piece.start + room)
                 piece.start += room
             batch.append(taken)
+            if not taken.job.started:
+                taken.job.started = True
+                taken.job.timings.queue_wait_s = now - taken.job.enqueued_at
             room -= taken.size
             self._set_queue(self._queued_views - taken.size)
         return batch
 
     async def _gather(self) -> None:
-        """Wait for work, then up to max_wait_s more while the batch is not full."""
+        """Wait for work, then up to max_wait_s more while the batch is not full; the rest of
+        a request already running goes at once (its answer waits on it)."""
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
+        if self._pending[0].job.started:
+            return
         deadline = time.perf_counter() + self.max_wait_s
         while self._queued_views < self.max_batch_views:
             left = deadline - time.perf_counter()
@@ -227,14 +242,15 @@ class ViewBatcher:
     async def _loop(self) -> None:
         while True:
             await self._free_workers.acquire()  # the batch fills while every worker is busy
+            self._idle_workers -= 1
             try:
                 await self._gather()
                 batch = self._take_batch()
             except BaseException:
-                self._free_workers.release()
+                self._release_worker()
                 raise
             if not batch:
-                self._free_workers.release()
+                self._release_worker()
                 continue
             task = asyncio.get_running_loop().create_task(self._forward(batch))
             self._in_flight.add(task)
@@ -242,6 +258,10 @@ class ViewBatcher:
 
     def _forward_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        self._release_worker()
+
+    def _release_worker(self) -> None:
+        self._idle_workers += 1
         self._free_workers.release()
 
     async def _forward(self, batch: list[_Piece]) -> None:
@@ -249,10 +269,6 @@ class ViewBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         jobs = {id(p.job): p.job for p in batch}
-        for job in jobs.values():
-            if not job.started:
-                job.started = True
-                job.timings.queue_wait_s = now - job.enqueued_at
         parts = [p.job.views[p.start : p.stop] for p in batch]
         n_views = sum(p.size for p in batch)
         try:

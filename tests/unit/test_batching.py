@@ -143,3 +143,26 @@ def test_two_workers_run_forwards_at_once_and_keep_view_order(tiny_engine: Engin
     for x, out in zip(inputs, outs, strict=True):
         torch.testing.assert_close(out.logits, tiny_engine.run_views(x).logits, rtol=1e-4,
                                    atol=1e-5)  # fmt: skip
+
+
+def test_idle_workers_share_a_lone_request_and_full_batches_run_under_load(
+    tiny_engine: Engine,
+) -> None:
+    """Low load: a lone 10-view request runs as two 5-view forwards, one per idle worker
+    (latency); a deep queue: every forward is a full batch (throughput)."""
+    run = Recorder(tiny_engine)
+
+    async def go() -> tuple[list[int], list[int]]:
+        b = ViewBatcher("tiny", run, max_batch_views=8, max_wait_s=0.05, max_queue_views=100,
+                        metrics=Metrics(), workers=2)  # fmt: skip
+        b.start()
+        await b.submit(_views(10, 1), 10)
+        lone = list(run.sizes)
+        run.sizes.clear()
+        await asyncio.gather(*(b.submit(_views(10, 2 + i), 10) for i in range(4)))
+        await b.stop()
+        return lone, list(run.sizes)
+
+    lone, burst = asyncio.run(go())
+    assert sorted(lone) == [5, 5]
+    assert burst == [8] * 5
