@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import statistics
 import sys
@@ -371,6 +372,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per load request
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_bench(args)

@@ -7,9 +7,15 @@ channel, so it folds into the convolution that feeds it; and for a fixed input s
 asymmetric SAME padding becomes a symmetric padding plus a zero row and column at the
 start of the kernel, so no padded copy of the activations is ever made.
 
+Once the norms are folded, a timm norm's activation (ReLU6 in the lite models) is the
+next pass over memory: a quarter of the remaining forward. On a CPU with oneDNN the
+convolution and its activation become one primitive (the op torch's own compiler emits
+for this pattern), which applies the activation as it writes its output.
+
 The rewrites work on a copy, find conv -> batch-norm pairs by data flow (the norm's input
 is the very tensor the convolution returned), and are checked against the original
-network on a random batch; a network whose rewrite does not match is served unchanged.
+network on a random batch in float32; a network whose rewrite does not match is served
+without it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class FusionReport:
 
     folded_norms: int
     static_pads: int
+    fused_activations: int
     max_abs_diff: float
     applied: bool
 
@@ -46,8 +53,72 @@ class FusionReport:
             return f"not applied (outputs differed by {self.max_abs_diff:.3g})"
         return (
             f"{self.folded_norms} batch norms folded, {self.static_pads} SAME paddings "
-            f"made static, max output difference {self.max_abs_diff:.2g}"
+            f"made static, {self.fused_activations} activations fused into their "
+            f"convolutions, max float32 output difference {self.max_abs_diff:.2g}"
         )
+
+
+# activation module -> (oneDNN post-op name, its scalars)
+def _pointwise_attr(act: nn.Module) -> tuple[str, list[float]] | None:
+    if type(act) is nn.ReLU:
+        return "relu", []
+    if type(act) in (nn.ReLU6, nn.Hardtanh):
+        assert isinstance(act, nn.Hardtanh)
+        return "hardtanh", [float(act.min_val), float(act.max_val)]
+    if type(act) is nn.SiLU:
+        return "swish", []
+    if type(act) is nn.Hardswish:
+        return "hardswish", []
+    return None
+
+
+def pointwise_available(device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
+
+
+class ConvPointwise(nn.Module):
+    """A convolution and the activation after it as one oneDNN primitive.
+
+    Outside autocast's reach (an explicit op): the input is cast to the weights' dtype, which
+    ``cast`` sets once at load rather than on every call.
+    """
+
+    def __init__(self, conv: nn.Conv2d, attr: str, scalars: list[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().contiguous(), requires_grad=False)
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.geometry = (
+            [int(p) for p in conv.padding],
+            [int(s) for s in conv.stride],
+            [int(d) for d in conv.dilation],
+            conv.groups,
+        )
+        self.attr, self.scalars = attr, scalars
+        self.input_hw: tuple[int, int] | None = getattr(conv, "input_hw", None)
+
+    def cast(self, dtype: torch.dtype) -> None:
+        with torch.no_grad():
+            self.weight = nn.Parameter(
+                self.weight.to(dtype).contiguous(memory_format=torch.channels_last),
+                requires_grad=False,
+            )
+            self.bias = nn.Parameter(self.bias.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_hw is not None and tuple(x.shape[-2:]) != self.input_hw:
+            raise ValueError(
+                f"this network was fused for {self.input_hw} inputs here, got {tuple(x.shape[-2:])}"
+            )
+        padding, stride, dilation, groups = self.geometry
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.to(self.weight.dtype), self.weight, self.bias, padding, stride, dilation, groups,
+            self.attr, self.scalars, "",
+        )  # fmt: skip
 
 
 class StaticSamePadConv2d(nn.Conv2d):
@@ -147,7 +218,8 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Module:
-    """Fold ``norm`` into ``conv`` in place; return what must stay where the norm was."""
+    """Fold ``norm`` into ``conv`` in place; return what must stay where the norm was: for a
+    timm norm, its dropout (identity in eval) and activation."""
     assert norm.running_mean is not None and norm.running_var is not None
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
@@ -164,11 +236,13 @@ def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Module:
     return nn.Identity()
 
 
-def fuse_for_inference(net: nn.Module, input_size: int) -> tuple[nn.Module, FusionReport]:
-    """An eval-mode copy of ``net`` with batch norms folded and SAME paddings made static for
-    ``input_size`` square inputs, or ``net`` itself when the copy's outputs differ."""
+def _rewrite(
+    net: nn.Module, input_size: int, pointwise: bool
+) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The rewritten copy, all in float32, and its counts (norms, paddings, activations)."""
     fused = copy.deepcopy(net).eval()
     pairs, same_inputs = _probe(fused, input_size)
+    activations: list[tuple[str, str, nn.Module]] = []
     folded = 0
     for conv_name, norm_name in pairs:
         norm = fused.get_submodule(norm_name)
@@ -178,12 +252,26 @@ def fuse_for_inference(net: nn.Module, input_size: int) -> tuple[nn.Module, Fusi
         assert isinstance(conv, nn.Conv2d)
         _replace(fused, norm_name, _fold(conv, norm))
         folded += 1
+        if isinstance(norm, BatchNormAct2d) and isinstance(norm.drop, nn.Identity):
+            activations.append((conv_name, norm_name, norm.act))
     static = 0
     for name, hw in same_inputs.items():
         conv = fused.get_submodule(name)
         if isinstance(conv, Conv2dSame) and StaticSamePadConv2d.applies(conv):
             _replace(fused, name, StaticSamePadConv2d(conv, hw))
             static += 1
+    fused_acts = 0
+    for conv_name, norm_name, act in activations if pointwise else []:
+        conv, spec = fused.get_submodule(conv_name), _pointwise_attr(act)
+        if spec is None or not isinstance(conv, nn.Conv2d) or isinstance(conv.padding, str):
+            continue
+        _replace(fused, conv_name, ConvPointwise(conv, *spec))
+        _replace(fused, norm_name, nn.Identity())
+        fused_acts += 1
+    return fused, (folded, static, fused_acts)
+
+
+def _max_diff(net: nn.Module, fused: nn.Module, input_size: int) -> tuple[float, bool]:
     device = next(net.parameters()).device
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, input_size, input_size, generator=generator).to(device)
@@ -192,10 +280,33 @@ def fuse_for_inference(net: nn.Module, input_size: int) -> tuple[nn.Module, Fusi
         ref, out = net.eval()(x), fused(x)
     net.train(was_training)
     diff = float((ref.float() - out.float()).abs().max())
-    scale = max(1.0, float(ref.float().abs().max()))
-    applied = diff <= VERIFY_TOLERANCE * scale
-    report = FusionReport(folded, static, diff, applied)
-    if not applied:
+    return diff, diff <= VERIFY_TOLERANCE * max(1.0, float(ref.float().abs().max()))
+
+
+def fuse_for_inference(
+    net: nn.Module, input_size: int, compute_dtype: torch.dtype | None = None
+) -> tuple[nn.Module, FusionReport]:
+    """An eval-mode copy of ``net`` rewritten for ``input_size`` square inputs, or ``net``
+    itself when the copy's outputs differ. With ``compute_dtype`` (float32 or bfloat16) on a
+    CPU with oneDNN, convolution + activation pairs become one primitive in that dtype."""
+    device = next(net.parameters()).device
+    pointwise = compute_dtype in (torch.float32, torch.bfloat16) and pointwise_available(device)
+    diff, ok, counts = float("inf"), False, (0, 0, 0)
+    for attempt in [True, False] if pointwise else [False]:
+        try:
+            fused, counts = _rewrite(net, input_size, attempt)
+            diff, ok = _max_diff(net, fused, input_size)
+        except RuntimeError as exc:  # an op this torch build lacks: try the plainer rewrite
+            log.warning("inference rewrite (fused activations: %s) failed: %s", attempt, exc)
+            continue
+        if ok:
+            break
+    if not ok:
+        report = FusionReport(counts[0], counts[1], counts[2], diff, False)
         log.warning("inference rewrite of %s %s", type(net).__name__, report.describe())
         return net, report
-    return fused, report
+    if compute_dtype is not None:
+        for module in fused.modules():
+            if isinstance(module, ConvPointwise):
+                module.cast(compute_dtype)
+    return fused, FusionReport(counts[0], counts[1], counts[2], diff, True)

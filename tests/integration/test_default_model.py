@@ -39,6 +39,10 @@ def test_fused_network_predicts_as_the_original_on_real_photos(samples) -> None:
     fused, plain = Engine(model, "float32"), Engine(model, "float32", fuse=False)
     assert fused.fusion is not None and fused.fusion.applied
     assert (fused.fusion.folded_norms, fused.fusion.static_pads) == (49, 5)
+    # ReLU6 after 33 of the 49 norms; the projection convolutions have no activation
+    from app.fusion import pointwise_available
+
+    assert fused.fusion.fused_activations == (33 if pointwise_available(model.device) else 0)
     center, ten = parse_view_spec("center"), parse_view_spec("fixed:5,mfixed:5")
     for i, path in enumerate(samples):
         data, spec = path.read_bytes(), ten if i % 10 == 0 else center

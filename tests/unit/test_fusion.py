@@ -9,7 +9,7 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from app.engine import Engine
-from app.fusion import StaticSamePadConv2d, fuse_for_inference
+from app.fusion import ConvPointwise, StaticSamePadConv2d, fuse_for_inference, pointwise_available
 from app.tta.views import parse_view_spec
 from tests.helpers import image_bytes
 
@@ -43,15 +43,20 @@ def test_static_same_padding_refuses_other_sizes() -> None:
         conv(torch.randn(1, 3, 18, 18))
 
 
-def test_tf_network_is_folded_and_padded_with_the_same_outputs() -> None:
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32])
+def test_tf_network_is_folded_and_padded_with_the_same_outputs(compute_dtype) -> None:
     size = 64
     net = _calibrated(timm.create_model("tf_efficientnet_lite0", num_classes=10), size)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    fused, report = fuse_for_inference(net, size)
+    fused, report = fuse_for_inference(net, size, compute_dtype)
     assert report.applied and fused is not net
     assert report.static_pads == 5  # the stem and the four stride-2 depthwise convolutions
-    norms = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    assert report.folded_norms == norms
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert report.folded_norms == len(norms)
+    with_relu6 = sum(isinstance(getattr(m, "act", None), nn.ReLU6) for m in norms)
+    fuses_acts = compute_dtype is not None and pointwise_available(torch.device("cpu"))
+    assert report.fused_activations == (with_relu6 if fuses_acts else 0)
+    assert sum(isinstance(m, ConvPointwise) for m in fused.modules()) == report.fused_activations
     assert not any(isinstance(m, nn.BatchNorm2d | Conv2dSame) for m in fused.modules())
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
@@ -97,3 +102,25 @@ def test_engine_serves_the_fused_network_with_the_same_predictions(tiny_repo) ->
         a = fused.classify(data, spec, level="feature", seed=seed)
         b = plain.classify(data, spec, level="feature", seed=seed)
         torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not pointwise_available(torch.device("cpu")), reason="no oneDNN on this CPU")
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.SiLU(), nn.Hardswish()])
+@pytest.mark.parametrize(("kernel", "stride", "groups"), [(1, 1, 1), (3, 2, 8), (3, 1, 2)])
+def test_conv_and_activation_as_one_primitive(act: nn.Module, kernel: int, stride: int,
+                                              groups: int) -> None:  # fmt: skip
+    from app.fusion import _pointwise_attr
+
+    torch.manual_seed(kernel * 10 + stride)
+    conv = nn.Conv2d(8, 16, kernel, stride, kernel // 2, groups=groups, bias=False)
+    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    spec = _pointwise_attr(act)
+    assert spec is not None
+    fused = ConvPointwise(conv, *spec)
+    with torch.no_grad():
+        want = act(conv(x))
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+        fused.cast(torch.bfloat16)
+        got = fused(x)  # float32 in, bfloat16 weights: the input is cast, bf16 out
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
