@@ -276,9 +276,15 @@ def _max_diff(net: nn.Module, fused: nn.Module, input_size: int) -> tuple[float,
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, input_size, input_size, generator=generator).to(device)
     was_training = net.training
-    with torch.no_grad():
-        ref, out = net.eval()(x), fused(x)
-    net.train(was_training)
+    # full float32 on a GPU too: TF32 rounding would hide a wrong rewrite or fail a right one
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            ref, out = net.eval()(x), fused(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        net.train(was_training)
     diff = float((ref.float() - out.float()).abs().max())
     return diff, diff <= VERIFY_TOLERANCE * max(1.0, float(ref.float().abs().max()))
 

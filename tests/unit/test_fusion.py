@@ -124,3 +124,17 @@ def test_conv_and_activation_as_one_primitive(act: nn.Module, kernel: int, strid
         got = fused(x)  # float32 in, bfloat16 weights: the input is cast, bf16 out
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_resnet_norms_fold_including_the_downsample_branches() -> None:
+    """Plain BatchNorm2d with the activation as a separate module (timm / torchvision
+    ResNets, what FixRes fine-tunes): every norm folds, nothing else changes."""
+    size = 64
+    net = _calibrated(timm.create_model("resnet18", num_classes=10), size)
+    fused, report = fuse_for_inference(net, size, torch.float32)
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert report.applied and report.folded_norms == norms == 20
+    assert (report.static_pads, report.fused_activations) == (0, 0)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
