@@ -50,7 +50,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     repo = ModelRepository(args.models_dir or settings.models_dir)
     model = repo.load(args.model, pick_device(args.device))
     limits = DecodeLimits(settings.max_pixels, settings.max_aspect_ratio)
-    engine = Engine(model, args.dtype, args.chunk_views, limits, compile=False, fuse=settings.fuse)
+    engine = Engine(
+        model, args.dtype, args.chunk_views, limits, False, settings.fuse, settings.jpeg_draft
+    )
     spec = _views_from_args(args, model.cfg.default_views)
     level = args.level or model.cfg.default_level
     failed = 0

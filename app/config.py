@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     chunk_views: int = 0  # views per forward chunk; 0 = per-device default
     compile: bool = False  # torch.compile the forward (slower start-up, faster forwards)
     fuse: bool = True  # fold batch norms, static SAME padding (app/fusion.py); checked at load
+    jpeg_draft: bool = False  # decode large JPEGs at reduced scale (bench/jpeg_draft.py)
     threads: int = 0  # torch intra-op threads per forward; 0 = cores / forward_workers
     forward_workers: int = 0  # forwards running at once; 0 = 2 on a CPU with 2+ cores, else 1
     warmup: bool = True

@@ -37,6 +37,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Views per forward: on a 2-core EPYC, lite0 runs fastest at 4-10 views per pass (bench/levers.py);
 # larger batches fall out of cache. GPUs want large batches.
 DEFAULT_CHUNK_VIEWS = {"cpu": 8, "cuda": 128}
+# a reduced-scale JPEG decode keeps the shorter side at least this many times the resize size
+JPEG_DRAFT_MARGIN = 2
 
 
 def cpu_has_native_bf16() -> bool:
@@ -142,6 +144,7 @@ class Engine:
         limits: DecodeLimits | None = None,
         compile: bool = False,
         fuse: bool = True,
+        jpeg_draft: bool = False,
     ) -> None:
         dtype = resolve_dtype(dtype, model.device)
         if dtype not in DTYPES:
@@ -161,6 +164,8 @@ class Engine:
         self.device = model.device
         self.chunk_views = chunk_views or DEFAULT_CHUNK_VIEWS.get(self.device.type, 32)
         self.limits = limits or DecodeLimits()
+        # opt-in: large JPEGs decoded at 1/2-1/8 scale, still at least twice the resize size
+        self.draft_min_side = JPEG_DRAFT_MARGIN * self.cfg.resize_size if jpeg_draft else 0
         # torch.compile'd forward (opt-in): one static shape, so partial chunks are padded
         # to chunk_views and compiled once, at warm-up rather than on a request.
         self._compiled: Any = torch.compile(self._forward, dynamic=False) if compile else None
@@ -188,9 +193,11 @@ class Engine:
         """Decode, resize, plan and cut: everything before the forward pass, CPU bound and
         thread-safe (the server runs it off the event loop)."""
         t0 = time.perf_counter()
-        img, fmt = decode_image(data, self.limits)
+        decoded = decode_image(data, self.limits, self.draft_min_side)
         t1 = time.perf_counter()
-        image = prepare_image(img, self.model.cfg, self.device, fmt)
+        image = prepare_image(
+            decoded.image, self.model.cfg, self.device, decoded.format, decoded.original_size
+        )
         t2 = time.perf_counter()
         views, used_seed, used = self.plan(image, spec, seed)
         batch = cut_views(image, views)

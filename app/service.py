@@ -135,7 +135,9 @@ class ClassifyService:
         model = self.repository.load(name, self.device)
         s = self.settings
         chunk = s.chunk_views or self.default_chunk
-        engine = Engine(model, s.dtype, chunk, self.limits, compile=s.compile, fuse=s.fuse)
+        engine = Engine(
+            model, s.dtype, chunk, self.limits, s.compile, s.fuse, jpeg_draft=s.jpeg_draft
+        )
         if self.settings.warmup:
             size = model.cfg.input_size
             engine.run_views(torch.zeros(engine.chunk_views, 3, size, size))

@@ -114,7 +114,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         sample = self.samples[index]
         try:
-            img, _ = decode_image(sample.path.read_bytes(), self.limits)
+            img = decode_image(sample.path.read_bytes(), self.limits).image
             rng = np.random.default_rng((self.seed, self.epoch, index))
             return self.transform(img, rng), sample.target
         except (OSError, MidserveError):

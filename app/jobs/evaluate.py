@@ -221,8 +221,8 @@ class _DecodedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         path = self.paths[i]
         try:
-            img, fmt = decode_image(path.read_bytes(), self.limits)
-            prepared = prepare_image(img, self.cfg, torch.device("cpu"), fmt)
+            decoded = decode_image(path.read_bytes(), self.limits)
+            prepared = prepare_image(decoded.image, self.cfg, torch.device("cpu"), decoded.format)
         except (OSError, MidserveError) as exc:
             return {"i": i, "error": f"{type(exc).__name__}: {exc}"}
         return {"i": i, "image": prepared}

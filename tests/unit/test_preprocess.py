@@ -102,7 +102,7 @@ def test_awkward_but_valid_images_are_classified(
 
 def test_sixteen_bit_is_rescaled_not_clipped() -> None:
     img = Image.fromarray(np.full((10, 10), 32768, dtype=np.uint16))
-    rgb, fmt = decode_image(_encode(img, "PNG"), DecodeLimits())
+    rgb, fmt, _ = decode_image(_encode(img, "PNG"), DecodeLimits())
     assert fmt == "PNG" and rgb.mode == "RGB"
     assert abs(int(np.asarray(rgb)[0, 0, 0]) - 128) <= 1
 
@@ -111,7 +111,7 @@ def test_exif_orientation_is_applied() -> None:
     img = Image.fromarray(_noise(80, 40), "RGB")  # landscape pixels ...
     exif = Image.Exif()
     exif[0x0112] = 6  # ... that the camera says must be rotated 90 degrees
-    rgb, _ = decode_image(_encode(img, "JPEG", exif=exif), DecodeLimits())
+    rgb, _, _ = decode_image(_encode(img, "JPEG", exif=exif), DecodeLimits())
     assert rgb.size == (40, 80)
 
 
@@ -119,7 +119,7 @@ def test_animated_gif_uses_first_frame() -> None:
     frames = [Image.new("RGB", (30, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
-    rgb, _ = decode_image(buf.getvalue(), DecodeLimits())
+    rgb, _, _ = decode_image(buf.getvalue(), DecodeLimits())
     r, _g, b = np.asarray(rgb)[5, 5]
     assert r > 200 and b < 50
 
@@ -133,3 +133,42 @@ def test_resized_shape_keeps_aspect_like_torchvision() -> None:
     assert resized_shape(500, 375, 256) == (341, 256)
     assert resized_shape(375, 500, 256) == (256, 341)
     assert resized_shape(256, 256, 256) == (256, 256)
+
+
+def _smooth(width: int, height: int) -> np.ndarray:
+    """A photo-like image: smooth gradients, so a reduced-scale decode is close to the full."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin((x + y) / 97.0)], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("orientation", "upright"), [(1, (1200, 800)), (6, (800, 1200))])
+def test_large_jpeg_decodes_at_reduced_scale_and_keeps_its_size(
+    orientation: int, upright: tuple[int, int]
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(Image.fromarray(_smooth(1200, 800)), "JPEG", exif=exif)
+    full = decode_image(data, DecodeLimits())
+    reduced = decode_image(data, DecodeLimits(), draft_min_side=200)
+    assert full.image.size == full.original_size == upright
+    assert reduced.original_size == upright  # what view boxes are mapped back to
+    assert reduced.image.size == (upright[0] // 4, upright[1] // 4)  # 1/4: shorter side 200
+    # a small JPEG, or any PNG, is decoded whole
+    assert decode_image(data, DecodeLimits(), draft_min_side=500).image.size == upright
+    png = _encode(Image.fromarray(_smooth(1200, 800)), "PNG")
+    assert decode_image(png, DecodeLimits(), draft_min_side=200).image.size == (1200, 800)
+
+
+def test_reduced_scale_decode_keeps_view_boxes_and_prediction(tiny_repo) -> None:
+    from app.repository import ModelRepository
+
+    model = ModelRepository(tiny_repo).load("tiny", "cpu")  # resize size 80: drafts at >= 160
+    whole, draft = Engine(model), Engine(model, jpeg_draft=True)
+    data = _encode(Image.fromarray(_smooth(1200, 800)), "JPEG", quality=95)
+    spec = parse_view_spec("fixed:5,mfixed:5")
+    a, b = whole.classify(data, spec, seed=1), draft.classify(data, spec, seed=1)
+    assert draft.prepare_views(data, spec, 1).image.original_size == (1200, 800)
+    np.testing.assert_allclose(np.asarray(b.boxes), np.asarray(a.boxes), atol=2.0)
+    assert a.top[0].index == b.top[0].index
+    assert float((a.probs - b.probs).abs().max()) < 0.05
