@@ -25,6 +25,7 @@ def test_probes_models_and_docs(server: str) -> None:
     assert [m["name"] for m in models] == ["tiny"]
     one = httpx.get(server + "/v1/models/tiny").json()
     assert one["input_size"] == 64 and one["resize_size"] == 80
+    assert "batch norms folded" in one["fusion"]  # the served network is the rewritten one
     assert (
         one["default_views"] == "fixed:5,mfixed:5" and one["limits"]["max_views_per_request"] == 40
     )
