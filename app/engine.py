@@ -151,9 +151,9 @@ class Engine:
             raise InvalidRequestError(f"dtype must be auto or one of {', '.join(DTYPES)}")
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
-        # batch norms folded, SAME paddings static, activations fused: about 2.5x faster on
-        # CPU (app/fusion.py); the caller's network is left as it is (fine-tuning trains
-        # its batch norms)
+        # batch norms folded, SAME paddings static, activations fused: about 2.2x the
+        # end-to-end throughput on CPU (app/fusion.py, `midserve bench` fusion_speedup); the
+        # caller's network is left as it is (fine-tuning trains its batch norms)
         self.fusion: FusionReport | None = None
         if fuse:
             network, self.fusion = fuse_for_inference(

@@ -58,6 +58,12 @@ class FusionReport:
         )
 
 
+def _check_input_hw(x: torch.Tensor, expected: tuple[int, int]) -> None:
+    """Padding made static for one size would be silently wrong for another."""
+    if tuple(x.shape[-2:]) != expected:
+        raise ValueError(f"this network was fused for {expected} inputs here, got {x.shape}")
+
+
 # activation module -> (oneDNN post-op name, its scalars)
 def _pointwise_attr(act: nn.Module) -> tuple[str, list[float]] | None:
     if type(act) is nn.ReLU:
@@ -110,10 +116,8 @@ class ConvPointwise(nn.Module):
             self.bias = nn.Parameter(self.bias.to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_hw is not None and tuple(x.shape[-2:]) != self.input_hw:
-            raise ValueError(
-                f"this network was fused for {self.input_hw} inputs here, got {tuple(x.shape[-2:])}"
-            )
+        if self.input_hw is not None:
+            _check_input_hw(x, self.input_hw)
         padding, stride, dilation, groups = self.geometry
         return torch.ops.mkldnn._convolution_pointwise(
             x.to(self.weight.dtype), self.weight, self.bias, padding, stride, dilation, groups,
@@ -133,8 +137,7 @@ class StaticSamePadConv2d(nn.Conv2d):
         kh, kw = conv.weight.shape[-2:]
         pad_h = get_same_padding(input_hw[0], kh, conv.stride[0], conv.dilation[0])
         pad_w = get_same_padding(input_hw[1], kw, conv.stride[1], conv.dilation[1])
-        self.extra = (pad_h - 2 * (pad_h // 2), pad_w - 2 * (pad_w // 2))
-        dh, dw = self.extra
+        dh, dw = pad_h - 2 * (pad_h // 2), pad_w - 2 * (pad_w // 2)  # the extra after-pad
         super().__init__(
             conv.in_channels,
             conv.out_channels,
@@ -160,10 +163,7 @@ class StaticSamePadConv2d(nn.Conv2d):
         return tuple(conv.dilation) == (1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.input_hw:
-            raise ValueError(
-                f"this network was fused for {self.input_hw} inputs here, got {tuple(x.shape[-2:])}"
-            )
+        _check_input_hw(x, self.input_hw)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
 
@@ -263,7 +263,9 @@ def _rewrite(
     fused_acts = 0
     for conv_name, norm_name, act in activations if pointwise else []:
         conv, spec = fused.get_submodule(conv_name), _pointwise_attr(act)
-        if spec is None or not isinstance(conv, nn.Conv2d) or isinstance(conv.padding, str):
+        if spec is None or not isinstance(conv, nn.Conv2d):
+            continue
+        if isinstance(conv, Conv2dSame) or isinstance(conv.padding, str):  # pads per call
             continue
         _replace(fused, conv_name, ConvPointwise(conv, *spec))
         _replace(fused, norm_name, nn.Identity())
