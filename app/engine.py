@@ -28,7 +28,6 @@ from app.tta.preprocess import (
     PreparedImage,
     cut_views,
     decode_image,
-    load_and_prepare,
     prepare_image,
 )
 from app.tta.views import View, ViewSpec, boxes_in_original, plan_views
@@ -176,7 +175,19 @@ class Engine:
 
     # -- preprocessing (thread-safe, CPU bound; the server runs it off the event loop) --
     def prepare(self, data: bytes) -> PreparedImage:
-        return load_and_prepare(data, self.model.cfg, self.device, self.limits)
+        """Decode and resize once: the image every view is cut from."""
+        return self._decode_and_resize(data)[0]
+
+    def _decode_and_resize(self, data: bytes) -> tuple[PreparedImage, float, float]:
+        """(image, decode seconds, resize seconds); the one decode path, so the reduced-scale
+        JPEG setting holds wherever an image enters."""
+        t0 = time.perf_counter()
+        decoded = decode_image(data, self.limits, self.draft_min_side)
+        t1 = time.perf_counter()
+        image = prepare_image(
+            decoded.image, self.model.cfg, self.device, decoded.format, decoded.original_size
+        )
+        return image, t1 - t0, time.perf_counter() - t1
 
     def plan(
         self, image: PreparedImage, spec: ViewSpec, seed: int | None
@@ -192,17 +203,11 @@ class Engine:
     def prepare_views(self, data: bytes, spec: ViewSpec, seed: int | None) -> PreparedViews:
         """Decode, resize, plan and cut: everything before the forward pass, CPU bound and
         thread-safe (the server runs it off the event loop)."""
+        image, decode_s, resize_s = self._decode_and_resize(data)
         t0 = time.perf_counter()
-        decoded = decode_image(data, self.limits, self.draft_min_side)
-        t1 = time.perf_counter()
-        image = prepare_image(
-            decoded.image, self.model.cfg, self.device, decoded.format, decoded.original_size
-        )
-        t2 = time.perf_counter()
         views, used_seed, used = self.plan(image, spec, seed)
         batch = cut_views(image, views)
-        t3 = time.perf_counter()
-        timings = {"decode": t1 - t0, "resize": t2 - t1, "views": t3 - t2}
+        timings = {"decode": decode_s, "resize": resize_s, "views": time.perf_counter() - t0}
         return PreparedViews(image, views, used_seed, used, batch, timings)
 
     # -- the forward pass -------------------------------------------------------------

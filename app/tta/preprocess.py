@@ -170,13 +170,6 @@ def prepare_image(
     return PreparedImage(hwc=hwc, original_size=original_size or (w, h), format=image_format)
 
 
-def load_and_prepare(
-    data: bytes, cfg: ModelConfig, device: torch.device, limits: DecodeLimits
-) -> PreparedImage:
-    decoded = decode_image(data, limits)
-    return prepare_image(decoded.image, cfg, device, decoded.format, decoded.original_size)
-
-
 def cut_views(image: PreparedImage, views: list[View]) -> torch.Tensor:
     """Stack the views on the batch dimension: slices of the one tensor, flipped where asked.
 
