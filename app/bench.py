@@ -22,8 +22,12 @@ from typing import Any
 
 import torch
 
+from app.config import default_models_dir
 from app.engine import Engine, pick_device
-from app.repository import LoadedModel, ModelRepository, default_models_dir
+from app.options import EngineOptions
+from app.pipeline import ImagePipeline
+from app.repository import LoadedModel, ModelRepository
+from app.request import ClassifyRequest, check_level
 from app.tta.views import ViewSpec, default_policy, parse_view_spec
 
 ROUNDS = 3
@@ -85,11 +89,13 @@ def engine_throughput(engine: Engine, images: list[bytes], spec: ViewSpec, level
                       duration_s: float) -> float:  # fmt: skip
     """decode -> resize -> views -> forward -> average, on real JPEG bytes."""
     state = {"i": 0}
+    pipeline = ImagePipeline(engine)
 
     def one() -> int:
         data = images[state["i"] % len(images)]
         state["i"] += 1
-        return len(engine.classify(data, spec, level=level, top_k=5, seed=state["i"]).views)
+        request = ClassifyRequest(spec, check_level(level), top_k=5, seed=state["i"])
+        return len(pipeline.classify(data, request).views)
 
     return _timed_loop(one, duration_s)
 
@@ -131,11 +137,13 @@ def dtype_agreement(model: LoadedModel, images: list[bytes], spec: ViewSpec, dty
                     chunk: int) -> dict[str, float]:  # fmt: skip
     """Top-1 agreement and max probability difference of the served path (``dtype``, fused
     network) against the plain float32 network."""
-    ref, fast = Engine(model, "float32", chunk, fuse=False), Engine(model, dtype, chunk)
+    served = EngineOptions(dtype=dtype, chunk_views=chunk)  # type: ignore[arg-type]
+    ref = ImagePipeline(Engine(model, served.with_changes(dtype="float32", fuse=False)))
+    fast = ImagePipeline(Engine(model, served))
     agree, max_diff = 0, 0.0
     for i, data in enumerate(images):
-        a = ref.classify(data, spec, top_k=1, seed=i)
-        b = fast.classify(data, spec, top_k=1, seed=i)
+        a = ref.classify(data, ClassifyRequest(spec, top_k=1, seed=i))
+        b = fast.classify(data, ClassifyRequest(spec, top_k=1, seed=i))
         agree += a.top[0].index == b.top[0].index
         max_diff = max(max_diff, float((a.probs - b.probs).abs().max()))
     return {"images": len(images), "top1_agreement": agree / len(images),
@@ -255,7 +263,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out["model_gflops_per_view"] = model_gflops_per_view(model)
     out["bound_views_per_s"] = out["gemm_gflops"] / out["model_gflops_per_view"]
 
-    engine = Engine(model, args.dtype, args.chunk_views, fuse=not args.no_fuse)
+    options = EngineOptions(dtype=args.dtype, chunk_views=args.chunk_views, fuse=not args.no_fuse)
+    engine = Engine(model, options)
     out["dtype"] = engine.dtype_name
     out["fusion"] = engine.fusion.describe() if engine.fusion else "off"
     chunks = sorted({1, 2, 4, 8, 10, 16, spec.total, engine.chunk_views})
@@ -272,8 +281,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     engine.chunk_views = args.chunk_views or best_chunk
     if args.compile:
         out["eager_engine_views_per_s"] = engine_throughput(engine, images, spec, args.level, d)
-        engine = Engine(model, engine.dtype_name, engine.chunk_views, compile=True,
-                        fuse=not args.no_fuse)  # fmt: skip
+        engine = Engine(model, options.with_changes(chunk_views=engine.chunk_views, compile=True))
         size = model.cfg.input_size
         t0 = time.perf_counter()
         engine.run_views(torch.zeros(engine.chunk_views, 3, size, size, device=device))
@@ -281,8 +289,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         out["raw_forward_views_per_s"] = raw_forward(engine, engine.chunk_views, d)
     # interleaved rounds, medians: the machine's speed drifts between one phase and the next
     # the same engine on the network as loaded: what the inference rewrites buy
-    unfused = None if args.no_fuse else Engine(model, engine.dtype_name, engine.chunk_views,
-                                               fuse=False)  # fmt: skip
+    served = options.with_changes(dtype=engine.dtype_name, chunk_views=engine.chunk_views)
+    unfused = None if args.no_fuse else Engine(model, served.with_changes(fuse=False))
     engine_runs, naive_runs, unfused_runs = [], [], []
     for _ in range(ROUNDS):
         engine_runs.append(engine_throughput(engine, images, spec, args.level, d / ROUNDS))
@@ -307,7 +315,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if engine.dtype_name != "float32":
         # the same pipeline in float32, to state what the faster dtype buys
-        fp32 = Engine(model, "float32", engine.chunk_views, fuse=not args.no_fuse)
+        fp32 = Engine(model, served.with_changes(dtype="float32"))
         out["engine_float32_views_per_s"] = engine_throughput(fp32, images, spec, args.level, d)
         out["agreement_vs_float32"] = dtype_agreement(
             model, images, spec, engine.dtype_name, engine.chunk_views

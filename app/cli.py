@@ -15,18 +15,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.errors import MidserveError
+from app.options import DTYPE_NAMES
 
 if TYPE_CHECKING:
+    from app.config import Settings
     from app.tta.views import ViewSpec
 
 Handler = Callable[[argparse.Namespace], int]
-DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+DEFAULT_MODEL = "tf_efficientnet_lite0"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+    """``--model`` means the same in every subcommand that takes one."""
+    p.add_argument("--model", default=default, required=default is None,
+                   help=f"model-repository name (default: {default})")  # fmt: skip
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Where the models are and how they run; unset flags keep the MIDSERVE_* settings."""
     p.add_argument("--models-dir", type=Path, default=None, help="model repository folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """``Settings`` (environment) with the command line's explicit flags on top."""
+    from app.config import Settings
+
+    overrides = {
+        "models_dir": getattr(args, "models_dir", None),
+        "device": getattr(args, "device", None),
+        "dtype": getattr(args, "dtype", None),
+    }
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
@@ -41,26 +62,30 @@ def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     """Classify local image files; one JSON line (or a short table) per image, in order."""
-    from app.config import Settings
-    from app.engine import Engine, pick_device
+    from app.engine import load_engine
+    from app.options import EngineOptions
+    from app.pipeline import ImagePipeline
     from app.repository import ModelRepository
-    from app.tta.preprocess import DecodeLimits
+    from app.request import ClassifyRequest, check_level
 
-    settings = Settings()
-    repo = ModelRepository(args.models_dir or settings.models_dir)
-    model = repo.load(args.model, pick_device(args.device))
-    limits = DecodeLimits(settings.max_pixels, settings.max_aspect_ratio)
-    engine = Engine(
-        model, args.dtype, args.chunk_views, limits, False, settings.fuse, settings.jpeg_draft
+    settings = settings_from_args(args)
+    options = EngineOptions.from_settings(settings).with_changes(
+        chunk_views=args.chunk_views or None, compile=False
     )
-    spec = _views_from_args(args, model.cfg.default_views)
-    level = args.level or model.cfg.default_level
+    engine = load_engine(ModelRepository(settings.models_dir), args.model, options)
+    pipeline = ImagePipeline(engine)
+    cfg = engine.cfg
+    request = ClassifyRequest(
+        spec=_views_from_args(args, cfg.default_views),
+        level=check_level(args.level or cfg.default_level),
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     failed = 0
     total_views, t_start = 0, time.perf_counter()
     for path in args.images:
         try:
-            data = Path(path).read_bytes()
-            pred = engine.classify(data, spec, level=level, top_k=args.top_k, seed=args.seed)
+            pred = pipeline.classify(Path(path).read_bytes(), request)
         except (OSError, MidserveError) as exc:
             failed += 1
             err = {"file": str(path), "error": str(exc), "type": type(exc).__name__}
@@ -68,7 +93,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             continue
         total_views += len(pred.views)
         if args.json:
-            print(json.dumps({"file": str(path), "model": model.cfg.name, **pred.to_json()}))
+            body = pred.result(file=str(path)).model_dump(exclude_unset=True)
+            print(json.dumps({"model": cfg.name, **body}))
         else:
             best = ", ".join(f"{t.label} ({t.prob:.3f})" for t in pred.top)
             print(f"{path}: {best}  [{len(pred.views)} views, {pred.level}]")
@@ -82,10 +108,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from app.config import Settings
     from app.repository import ModelRepository
 
-    repo = ModelRepository(args.models_dir or Settings().models_dir)
+    repo = ModelRepository(settings_from_args(args).models_dir)
     for name in repo.names():
         cfg = repo.config(name)
         ok, why = repo.available(name)
@@ -95,28 +120,23 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
     import signal
 
     import uvicorn
 
+    from app.main import create_app
+
+    settings = settings_from_args(args)
     if args.models:
-        os.environ["MIDSERVE_MODELS"] = json.dumps(args.models.split(","))
-    if args.models_dir:
-        os.environ["MIDSERVE_MODELS_DIR"] = str(args.models_dir)
-    if args.device:
-        os.environ["MIDSERVE_DEVICE"] = args.device
-    if args.dtype:
-        os.environ["MIDSERVE_DTYPE"] = args.dtype
+        settings = settings.model_copy(update={"models": args.models.split(",")})
     if args.compile:
-        os.environ["MIDSERVE_COMPILE"] = "true"
+        settings = settings.model_copy(update={"compile": True})
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; with this
     # handler in place that re-raise ends the process with status 0 (a clean, asked-for stop)
     # instead of -15, which supervisors would report as a crash.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
-        "app.main:create_app",
-        factory=True,
+        create_app(settings),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
@@ -132,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="classify image files with matched views")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", default="tf_efficientnet_lite0")
+    add_model_arg(p)
     p.add_argument("--views", default=None, help="e.g. fixed:5,mfixed:5,random:10,mrandom:10")
     p.add_argument("--crops", type=int, default=None, help="crop count; the default policy mixes")
     p.add_argument("--level", default=None, choices=["feature", "logit", "softmax"])
@@ -140,20 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="fixes random view positions")
     p.add_argument("--chunk-views", type=int, default=0, help="views per forward (0 = auto)")
     p.add_argument("--json", action="store_true", help="one JSON object per image per line")
-    _add_model_args(p)
+    add_engine_args(p)
     p.set_defaults(handler=cmd_classify)
 
     p = sub.add_parser("models", help="list the model repository")
-    p.add_argument("--models-dir", type=Path, default=None)
+    p.add_argument("--models-dir", type=Path, default=None, help="model repository folder")
     p.set_defaults(handler=cmd_models)
 
     p = sub.add_parser("serve", help="run the HTTP server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--models", default=None, help="comma list of model names, or 'all'")
-    p.add_argument("--models-dir", type=Path, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
+    add_engine_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=cmd_serve)

@@ -5,13 +5,22 @@ No import-time singleton: ``get_settings()`` is cached and tests override it.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.repository import default_models_dir
+from app.options import DtypeName
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
+
+
+def default_models_dir() -> Path:
+    """The ``models/`` folder beside the package (a source checkout), else ./models."""
+    beside = Path(__file__).resolve().parent.parent / "models"
+    return beside if beside.is_dir() else Path.cwd() / "models"
 
 
 class Settings(BaseSettings):
@@ -21,7 +30,7 @@ class Settings(BaseSettings):
     models_dir: Path = Field(default_factory=default_models_dir)
     models: list[str] = ["tf_efficientnet_lite0"]  # names, or ["all"] for every available
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on CPUs with native bf16, else float32) | float32 | ...
+    dtype: DtypeName = "auto"  # auto (bfloat16 on CPUs with native bf16, else float32) | ...
     chunk_views: int = 0  # views per forward chunk; 0 = per-device default
     compile: bool = False  # torch.compile the forward (slower start-up, faster forwards)
     fuse: bool = True  # fold batch norms, static SAME padding (app/fusion.py); checked at load
@@ -51,6 +60,14 @@ class Settings(BaseSettings):
     auth_tokens: list[str] = []
     auth_tokens_file: Path | None = None
     open_probes: bool = True  # /metrics, /healthz, /readyz need no token
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """Fail at start-up, not at model load, on a device torch would not parse."""
+        if not DEVICE_RE.match(value):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+        return value
 
 
 @lru_cache(maxsize=1)

@@ -15,12 +15,12 @@ from typing import Any, Literal
 import tomli_w
 
 from app.errors import ModelConfigError
+from app.request import LEVELS
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 WeightsKind = Literal["package", "file", "hub", "none"]
 KeyMapping = Literal["exact", "in-order", "strip-prefix"]
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-LEVELS = ("feature", "logit", "softmax")
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,6 @@ log = logging.getLogger(__name__)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def default_models_dir() -> Path:
-    """The ``models/`` folder beside the package (a source checkout), else ./models."""
-    beside = Path(__file__).resolve().parent.parent / "models"
-    return beside if beside.is_dir() else Path.cwd() / "models"
-
-
 @dataclass
 class LoadedModel:
     """A network split into feature extractor and head, in eval mode on its device."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,42 +18,22 @@ import torch
 
 from app.batching import ViewBatcher
 from app.config import Settings
-from app.engine import Engine, Prediction, PreparedViews, pick_device
+from app.engine import Engine, load_engine, pick_device
 from app.errors import (
     DeadlineExceededError,
     EvalResultsError,
-    LimitExceededError,
     ModelNotReadyError,
     UnknownModelError,
 )
-from app.jobs.eval_results import EVAL_FILE, read_eval_results
+from app.eval_results import EVAL_FILE, read_eval_results
 from app.metrics import Metrics
+from app.options import EngineOptions
+from app.pipeline import ImagePipeline, Prediction
 from app.repository import ModelRepository
-from app.tta.averaging import Level
-from app.tta.preprocess import DecodeLimits
-from app.tta.views import ViewSpec
+from app.request import ClassifyRequest
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed"]
-
-
-def forward_plan(settings: Settings, device: torch.device) -> tuple[int, int, int]:
-    """(forwards at once, intra-op threads each, views per forward; 0 = the engine's default).
-
-    On a CPU with 2+ cores: two single-threaded forwards rather than one two-threaded one.
-    Measured on the 2-core dev VM: about 1.3x the throughput, and no OpenMP barrier stalls
-    when decode threads or the event loop take a core for a moment. Batches of up to 8
-    views: with the fused network, 8 gave about 1.15x the HTTP throughput of 5 (and 10 or 16
-    less than 8); a lone request still uses both cores, since the batcher gives each idle
-    worker an even share of a short queue.
-    """
-    cores = os.cpu_count() or 1
-    if device.type != "cpu":
-        return settings.forward_workers or 1, settings.threads, 0
-    workers = settings.forward_workers or (2 if cores >= 2 else 1)
-    threads = settings.threads or max(1, cores // workers)
-    chunk = 8 if workers > 1 else 0
-    return workers, threads, chunk
 
 
 @dataclass
@@ -62,30 +41,32 @@ class ModelSlot:
     name: str
     state: State = "loading"
     error: str = ""
-    engine: Engine | None = None
+    pipeline: ImagePipeline | None = None
     batcher: ViewBatcher | None = None
 
-    def ready(self) -> tuple[Engine, ViewBatcher]:
-        if self.state != "ready" or self.engine is None or self.batcher is None:
+    @property
+    def engine(self) -> Engine | None:
+        return self.pipeline.engine if self.pipeline else None
+
+    def ready(self) -> tuple[ImagePipeline, ViewBatcher]:
+        if self.state != "ready" or self.pipeline is None or self.batcher is None:
             why = self.error if self.state == "failed" else "still loading"
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {why}")
-        return self.engine, self.batcher
+        return self.pipeline, self.batcher
 
 
 class ClassifyService:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.options = EngineOptions.from_settings(settings)
         self.repository = ModelRepository(settings.models_dir)
         self.slots: dict[str, ModelSlot] = {}
         self.device = pick_device(settings.device)
-        self.limits = DecodeLimits(settings.max_pixels, settings.max_aspect_ratio)
+        self.forward_plan = self.options.forward_plan(self.device.type)
         self._pre_pool = ThreadPoolExecutor(settings.preprocess_workers, "preprocess")
         self._load_task: asyncio.Task[None] | None = None
         self._eval_mtimes: dict[str, float] = {}
-        self.forward_workers, self.threads_per_forward, self.default_chunk = forward_plan(
-            settings, self.device
-        )
 
     # -- lifecycle ------------------------------------------------------------------
     def served_names(self) -> list[str]:
@@ -96,7 +77,7 @@ class ClassifyService:
 
     async def start(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(self.threads_per_forward)
+            torch.set_num_threads(self.forward_plan.threads)
         for name in self.served_names():
             self.slots[name] = ModelSlot(name)
             self.metrics.model_ready.labels(name).set(0)
@@ -106,12 +87,12 @@ class ClassifyService:
     async def _load_all(self) -> None:
         for slot in self.slots.values():
             try:
-                engine = await asyncio.to_thread(self._load_and_warm, slot.name)
+                pipeline = await asyncio.to_thread(self._load_and_warm, slot.name)
             except Exception as exc:  # any loading failure: report it, keep the others
                 log.exception("model %s failed to load", slot.name)
                 slot.state, slot.error = "failed", str(exc) or type(exc).__name__
                 continue
-            s = self.settings
+            s, engine = self.settings, pipeline.engine
             batcher = ViewBatcher(
                 slot.name,
                 engine.run_views,
@@ -119,10 +100,10 @@ class ClassifyService:
                 max_wait_s=s.max_wait_ms / 1000.0,
                 max_queue_views=max(s.max_queue_views, 1),
                 metrics=self.metrics,
-                workers=self.forward_workers,
+                workers=self.forward_plan.workers,
             )
             batcher.start()
-            slot.engine, slot.batcher, slot.state = engine, batcher, "ready"
+            slot.pipeline, slot.batcher, slot.state = pipeline, batcher, "ready"
             cfg = engine.cfg
             self.metrics.model_info.labels(
                 slot.name, cfg.arch, str(cfg.input_size), str(cfg.crop_pct),
@@ -131,17 +112,11 @@ class ClassifyService:
             self.metrics.model_ready.labels(slot.name).set(1)
             log.info("model %s ready on %s", slot.name, engine.device)
 
-    def _load_and_warm(self, name: str) -> Engine:
-        model = self.repository.load(name, self.device)
-        s = self.settings
-        chunk = s.chunk_views or self.default_chunk
-        engine = Engine(
-            model, s.dtype, chunk, self.limits, s.compile, s.fuse, jpeg_draft=s.jpeg_draft
-        )
-        if self.settings.warmup:
-            size = model.cfg.input_size
-            engine.run_views(torch.zeros(engine.chunk_views, 3, size, size))
-        return engine
+    def _load_and_warm(self, name: str) -> ImagePipeline:
+        engine = load_engine(self.repository, name, self.options)
+        if self.options.warmup:
+            engine.warm_up()
+        return ImagePipeline(engine, self.settings.max_views_per_request)
 
     def refresh_eval_metrics(self) -> None:
         """Offline evaluation results (models/<name>/eval.json) as gauges, re-read when the
@@ -188,32 +163,14 @@ class ClassifyService:
         return self.slots[name]
 
     # -- one image ------------------------------------------------------------------
-    def _prepare(
-        self, engine: Engine, data: bytes, spec: ViewSpec, seed: int | None
-    ) -> PreparedViews:
-        prepared = engine.prepare_views(data, spec, seed)
-        limit = self.settings.max_views_per_request
-        if len(prepared.views) > limit:  # ``auto`` is only known per image
-            raise LimitExceededError(
-                f"{len(prepared.views)} views for this image; the limit is {limit}"
-            )
-        return prepared
-
     async def classify_image(
-        self,
-        slot: ModelSlot,
-        data: bytes,
-        spec: ViewSpec,
-        level: Level,
-        top_k: int,
-        seed: int | None,
-        deadline: float,
+        self, slot: ModelSlot, data: bytes, request: ClassifyRequest, deadline: float
     ) -> Prediction:
-        engine, batcher = slot.ready()
+        """The pipeline with its forward through the batcher: prepare in the thread pool,
+        forward with other requests' views, predict here."""
+        pipeline, batcher = slot.ready()
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
-            self._pre_pool, self._prepare, engine, data, spec, seed
-        )
+        prepared = await loop.run_in_executor(self._pre_pool, pipeline.prepare, data, request)
         left = deadline - time.perf_counter()
         if left <= 0:
             raise DeadlineExceededError("request deadline passed before its forward pass")
@@ -223,20 +180,10 @@ class ClassifyService:
             raise DeadlineExceededError(
                 f"no result within {self.settings.request_timeout_s:g} s (server busy)"
             ) from exc
-        t0 = time.perf_counter()
-        pred = engine.predict(
-            prepared.image, prepared.views, prepared.seed, prepared.spec, outputs, level, top_k
+        pred = pipeline.predict(
+            prepared, outputs, request, batch_timings.queue_wait_s, batch_timings.forward_s
         )
-        pred.policy = str(spec)
-        timings = {
-            "decode": prepared.timings["decode"],
-            "preprocess": prepared.timings["resize"] + prepared.timings["views"],
-            "queue_wait": batch_timings.queue_wait_s,
-            "forward": batch_timings.forward_s,
-            "postprocess": time.perf_counter() - t0,
-        }
-        pred.timings = timings
-        for stage, seconds in timings.items():
+        for stage, seconds in pred.timings.items():
             self.metrics.stage_duration.labels(slot.name, stage).observe(seconds)
         self.metrics.views_per_request.labels(slot.name).observe(len(prepared.views))
         return pred

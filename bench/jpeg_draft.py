@@ -23,8 +23,12 @@ import torch
 from PIL import Image
 
 from app.bench import SAMPLES
+from app.config import default_models_dir
 from app.engine import Engine
-from app.repository import ModelRepository, default_models_dir
+from app.options import EngineOptions
+from app.pipeline import ImagePipeline
+from app.repository import ModelRepository
+from app.request import ClassifyRequest
 from app.tta.views import default_policy
 
 
@@ -47,17 +51,20 @@ def main() -> None:
     if not files:
         raise SystemExit(f"no photos in {args.data}")
     model = ModelRepository(default_models_dir()).load(args.model, torch.device("cpu"))
-    whole, draft = Engine(model, "auto"), Engine(model, "auto", jpeg_draft=True)
+    options = EngineOptions(dtype="auto")
+    whole = ImagePipeline(Engine(model, options))
+    draft = ImagePipeline(Engine(model, options.with_changes(jpeg_draft=True)))
     spec = default_policy(10)
     times: dict[str, list[float]] = {"whole": [], "draft": []}
     agree, max_diff = 0, 0.0
     for i, path in enumerate(files):
         data = enlarge(path.read_bytes(), args.scale)
         preds = {}
-        for name, engine in (("whole", whole), ("draft", draft)):
-            prepared = engine.prepare_views(data, spec, i)
+        for name, pipeline in (("whole", whole), ("draft", draft)):
+            request = ClassifyRequest(spec, seed=i)
+            prepared = pipeline.prepare(data, request)
             times[name].append(sum(prepared.timings.values()))
-            preds[name] = engine.classify(data, spec, seed=i)
+            preds[name] = pipeline.classify(data, request)
         agree += preds["whole"].top[0].index == preds["draft"].top[0].index
         max_diff = max(max_diff, float((preds["whole"].probs - preds["draft"].probs).abs().max()))
     w, d = statistics.median(times["whole"]), statistics.median(times["draft"])
@@ -69,7 +76,7 @@ def main() -> None:
         "speedup": round(w / d, 2),
         "top1_agreement": agree / len(files),
         "max_prob_diff": round(max_diff, 4),
-        "dtype": whole.dtype_name,
+        "dtype": whole.engine.dtype_name,
     }
     print(json.dumps(result))
 

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from app.bench import _timed_loop
+from app.config import default_models_dir
 from app.fusion import fuse_for_inference
-from app.repository import ModelRepository, default_models_dir
+from app.repository import ModelRepository
 
 ROUNDS = 3
 

@@ -7,7 +7,7 @@ import torch
 
 from app.engine import Engine
 from app.repository import ModelRepository
-from tests.helpers import SAMPLES_MISSING, make_tiny_model, sample_files
+from tests.helpers import FLOAT32, SAMPLES_MISSING, make_tiny_model, sample_files
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -22,15 +22,17 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_repo: Path) -> Engine:
-    return Engine(ModelRepository(tiny_repo).load("tiny", "cpu"))
+    return Engine(ModelRepository(tiny_repo).load("tiny", "cpu"), FLOAT32)
 
 
 @pytest.fixture(scope="session")
 def lite0_engine() -> Engine:
     """The embedded default model with its real ImageNet weights."""
-    from app.repository import default_models_dir
+    from app.config import default_models_dir
 
-    return Engine(ModelRepository(default_models_dir()).load("tf_efficientnet_lite0", "cpu"))
+    return Engine(
+        ModelRepository(default_models_dir()).load("tf_efficientnet_lite0", "cpu"), FLOAT32
+    )
 
 
 @pytest.fixture(scope="session")

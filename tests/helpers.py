@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -11,7 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from app.engine import Engine
 from app.model_config import ModelConfig, WeightsSource, write_model_config
+from app.options import EngineOptions
+from app.pipeline import ImagePipeline, ImagePreparer, Prediction
+from app.request import ClassifyRequest
+from app.tta.views import ViewSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = PROJECT_ROOT.parent / "shared" / "data" / "imagenet-samples"
@@ -91,3 +97,17 @@ def image_bytes(
 
 def sample_files() -> list[Path]:
     return sorted(SAMPLES_DIR.glob("*.JPEG")) if SAMPLES_DIR.is_dir() else []
+
+
+# Engines in tests run in float32 unless a test says otherwise: results then do not depend on
+# whether this CPU has native bfloat16.
+FLOAT32 = EngineOptions(dtype="float32")
+
+
+def classify(engine: Engine, data: bytes, spec: ViewSpec, **request: Any) -> Prediction:
+    """The real per-image pipeline (prepare -> forward -> predict) for one image."""
+    return ImagePipeline(engine).classify(data, ClassifyRequest(spec, **request))
+
+
+def preparer(engine: Engine) -> ImagePreparer:
+    return ImagePipeline(engine).preparer

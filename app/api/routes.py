@@ -20,14 +20,7 @@ from app.api.errors import (
     error_body,
     error_response,
 )
-from app.api.params import PARAM_NAMES, parse_classify_params
-from app.api.schemas import (
-    ClassifyResponse,
-    ErrorResponse,
-    ModelList,
-    ModelOut,
-    Readiness,
-)
+from app.api.params import PARAM_NAMES, classify_openapi, parse_classify_params
 from app.config import Settings
 from app.errors import (
     DeadlineExceededError,
@@ -36,6 +29,15 @@ from app.errors import (
     LimitExceededError,
     MidserveError,
     OverloadedError,
+)
+from app.schemas import (
+    ClassifyResponse,
+    ErrorDetail,
+    ErrorResponse,
+    ImageResult,
+    ModelList,
+    ModelOut,
+    Readiness,
 )
 from app.service import ClassifyService, ModelSlot
 
@@ -106,47 +108,6 @@ async def read_images(
     )
 
 
-CLASSIFY_OPENAPI: dict[str, Any] = {
-    "parameters": [
-        {"name": "crops", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 1},
-         "description": "number of views; the default policy turns it into a mix"},
-        {"name": "views", "in": "query", "required": False, "schema": {"type": "string"},
-         "description": "view mix, e.g. fixed:5,mfixed:5,random:10,mrandom:10"},
-        {"name": "level", "in": "query", "required": False,
-         "schema": {"type": "string", "enum": ["feature", "logit", "softmax"]}},
-        {"name": "top_k", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 1, "default": 5}},
-        {"name": "seed", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}},
-        {"name": "label", "in": "query", "required": False,
-         "schema": {"type": "array", "items": {"type": "string"}},
-         "description": "ground truth (class index or synset), one per image, for accuracy"},
-    ],
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {"type": "array",
-                                   "items": {"type": "string", "format": "binary"}},
-                        "crops": {"type": "integer"},
-                        "views": {"type": "string"},
-                        "level": {"type": "string"},
-                        "top_k": {"type": "integer"},
-                        "seed": {"type": "integer"},
-                        "label": {"type": "string"},
-                    },
-                    "required": ["images"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-}  # fmt: skip
-
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 408, 413, 415, 422, 503, 504)}
 
 
@@ -154,7 +115,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 408, 413, 415, 4
     "/v1/models/{model}/classify",
     response_model=ClassifyResponse,
     responses=ERRORS,  # type: ignore[arg-type]
-    openapi_extra=CLASSIFY_OPENAPI,
+    openapi_extra=classify_openapi(),
     dependencies=[Depends(require_token)],
     summary="Classify images with matched test-time views",
 )
@@ -162,7 +123,8 @@ async def classify(model: str, request: Request) -> Response:
     started = time.perf_counter()
     service, settings = _service(request), _settings(request)
     slot = service.slot(model)
-    engine, _ = slot.ready()
+    pipeline, _ = slot.ready()
+    engine = pipeline.engine
     level_for_metrics = "unknown"
     service.metrics.in_flight.inc()
     try:
@@ -173,15 +135,10 @@ async def classify(model: str, request: Request) -> Response:
         for key, values in fields.items():
             raw.setdefault(key, []).extend(values)
         params = parse_classify_params(raw, engine.cfg, engine.model.labels, settings, len(images))
-        level_for_metrics = params.level
+        level_for_metrics = params.request.level
         deadline = started + settings.request_timeout_s
         outcomes = await asyncio.gather(
-            *(
-                service.classify_image(
-                    slot, data, params.spec, params.level, params.top_k, params.seed, deadline
-                )
-                for _, data in images
-            ),
+            *(service.classify_image(slot, data, params.request, deadline) for _, data in images),
             return_exceptions=True,
         )
         response = _classify_response(slot, images, params.labels, outcomes, started, service)
@@ -213,7 +170,7 @@ def _classify_response(
         if isinstance(outcome, BaseException) and not isinstance(outcome, MidserveError):
             raise outcome
     metrics = service.metrics
-    results: list[dict[str, Any]] = []
+    results: list[ImageResult] = []
     first_error: MidserveError | None = None
     for index, ((filename, _), label, outcome) in enumerate(
         zip(images, labels, outcomes, strict=True)
@@ -223,31 +180,30 @@ def _classify_response(
             _, kind = classify_error(outcome)
             metrics.images.labels(slot.name, "refused").inc()
             metrics.errors.labels(slot.name, kind).inc()
-            entry = {
-                "index": index,
-                "file": filename,
-                "error": {"type": kind, "message": str(outcome)},
-            }
-            results.append(entry)
+            error = ErrorDetail(type=kind, message=str(outcome))
+            results.append(ImageResult(index=index, file=filename, error=error))
             continue
         metrics.images.labels(slot.name, "classified").inc()
-        body = outcome.to_json()
+        result = outcome.result(index, filename)
         if label is not None:
             ranked = outcome.probs.topk(min(5, outcome.probs.shape[0])).indices.tolist()
             metrics.observe_accuracy(slot.name, outcome.level, outcome.policy, label, ranked)
-            body["label"] = label
-        results.append({"index": index, "file": filename, **body})
+            result.label = label
+        results.append(result)
     total_ms = round((time.perf_counter() - started) * 1000.0, 3)
-    if first_error is not None and len(results) == sum("error" in r for r in results):
+    if first_error is not None and all(r.error is not None for r in results):
         status, kind = classify_error(first_error)
         body = error_body(kind, str(first_error))
-        body["results"] = results
+        body["results"] = [r.model_dump(exclude_unset=True) for r in results]
         return JSONResponse(body, status_code=status)
-    return JSONResponse({"model": slot.name, "results": results, "timings_ms": {"total": total_ms}})
+    response = ClassifyResponse(model=slot.name, results=results, timings_ms={"total": total_ms})
+    # unset fields stay out of the JSON: a result has either its answer or its error
+    return JSONResponse(response.model_dump(exclude_unset=True))
 
 
 def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
-    cfg = service.repository.config(slot.name) if slot.engine is None else slot.engine.cfg
+    engine = slot.engine
+    cfg = service.repository.config(slot.name) if engine is None else engine.cfg
     s = service.settings
     return ModelOut(
         name=slot.name,
@@ -266,9 +222,9 @@ def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
         default_level=cfg.default_level,
         parent=cfg.parent or None,
         weights=cfg.weights.describe(),
-        device=str(slot.engine.device) if slot.engine else None,
-        dtype=slot.engine.dtype_name if slot.engine else None,
-        fusion=slot.engine.fusion.describe() if slot.engine and slot.engine.fusion else None,
+        device=str(engine.device) if engine else None,
+        dtype=engine.dtype_name if engine else None,
+        fusion=engine.fusion.describe() if engine and engine.fusion else None,
         limits={
             "max_views_per_request": s.max_views_per_request,
             "max_images_per_request": s.max_images_per_request,

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from app.errors import DataError, EvalResultsError, InvalidRequestError, MidserveError
+from app.eval_results import EvalResult, write_eval_results
 from app.jobs.datasets import CLASS_ORDERS, ClassOrder, LabelledFolder, read_labelled_folder
-from app.jobs.eval_results import EvalResult, write_eval_results
 from app.jobs.report import (
     Row,
     SweepPoint,
@@ -50,9 +50,11 @@ from app.jobs.report import (
     rows_to_json,
     sweep_csv,
 )
+from app.options import DecodeLimits
+from app.request import LEVELS, Level
 from app.tta.adaptive import AUTO, auto_policy
-from app.tta.averaging import LEVELS, Level, average_probabilities
-from app.tta.preprocess import DecodeLimits, cut_views, decode_image, prepare_image
+from app.tta.averaging import average_probabilities
+from app.tta.preprocess import cut_views, decode_image, prepare_image
 from app.tta.views import View, ViewSpec, parse_view_spec, plan_views
 
 log = logging.getLogger(__name__)
@@ -400,6 +402,7 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any] | None:
     """Evaluate, write records and the report; returns the report (None on ranks > 0)."""
     from app.config import Settings
     from app.engine import Engine, pick_device
+    from app.options import EngineOptions
     from app.repository import ModelRepository
 
     rank, world = _dist()
@@ -420,8 +423,8 @@ def run_evaluation(opts: EvalOptions) -> dict[str, Any] | None:
     names = [str(it.path.relative_to(folder.root)) for it in items]
     done = read_records(opts.out)
     todo = [i for i, n in enumerate(names) if n not in done][rank::world]
-    limits = DecodeLimits(settings.max_pixels, settings.max_aspect_ratio)
-    engine = Engine(model, dtype=opts.dtype, limits=limits)
+    options = EngineOptions.from_settings(settings).with_changes(dtype=opts.dtype)
+    engine = Engine(model, options)
     evaluator = _Evaluator(engine, configs, opts.seed)
     t0 = time.perf_counter()
     views_run = _evaluate_images(opts, items, names, todo, evaluator, rank, world)
@@ -459,7 +462,7 @@ def _evaluate_images(
     from tqdm import tqdm
 
     dataset = _DecodedImages(
-        [items[i].path for i in todo], evaluator.engine.cfg, evaluator.engine.limits
+        [items[i].path for i in todo], evaluator.engine.cfg, evaluator.engine.options.limits
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=opts.workers, collate_fn=lambda x: x

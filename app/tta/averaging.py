@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
-Level = Literal["feature", "logit", "softmax"]
-LEVELS: tuple[Level, ...] = ("feature", "logit", "softmax")
+from app.request import Level
 
 
 def average_probabilities(

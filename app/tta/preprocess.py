@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.model_config import ModelConfig
+from app.options import DecodeLimits
 from app.tta.views import View
 
 # Formats a browser or camera produces; anything else (SVG, PDF, EPS, ...) is refused.
@@ -22,12 +23,6 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_pixels: int = 40_000_000
-    max_aspect_ratio: float = 16.0
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 
 from app.engine import Engine
 from app.tta.views import default_policy, parse_view_spec
-from tests.helpers import image_bytes
+from tests.helpers import classify, image_bytes
 from tests.server import scrape, total
 
 CLASSIFY = "/v1/models/tiny/classify"
@@ -52,7 +52,7 @@ def test_multipart_and_raw_body_agree(server: str, tiny_engine: Engine) -> None:
     a, b = multi["results"][0], raw["results"][0]
     assert a["file"] == "a.png" and b["file"] is None
     assert a["top"] == b["top"] and a["view_boxes"] == b["view_boxes"]
-    local = tiny_engine.classify(data, parse_view_spec("fixed:5,random:2"), top_k=5, seed=4)
+    local = classify(tiny_engine, data, parse_view_spec("fixed:5,random:2"), top_k=5, seed=4)
     assert [t["index"] for t in a["top"]] == [t.index for t in local.top]
     assert set(a["timings_ms"]) == {"decode", "preprocess", "queue_wait", "forward", "postprocess"}
 
@@ -89,7 +89,7 @@ def test_32_concurrent_requests_are_batched_and_correct(server: str, tiny_engine
     for (data, crops, level, seed), res in zip(cases, responses, strict=True):
         assert res.status_code == 200, res.text
         got = res.json()["results"][0]
-        want = tiny_engine.classify(data, default_policy(crops), level=level, top_k=3, seed=seed)
+        want = classify(tiny_engine, data, default_policy(crops), level=level, top_k=3, seed=seed)
         assert got["views"] == crops and got["seed"] == seed
         assert [t["index"] for t in got["top"]] == [t.index for t in want.top]
         torch.testing.assert_close(
@@ -212,12 +212,12 @@ def test_auto_policy_spends_views_by_image_shape(server: str, tiny_engine: Engin
         want = auto_policy(w, h, 64)
         assert body["policy"] == "auto" and body["spec"] == str(want)
         assert body["views"] == want.total
-        local = tiny_engine.classify(data, parse_view_spec("auto"), top_k=5, seed=3)
+        local = classify(tiny_engine, data, parse_view_spec("auto"), top_k=5, seed=3)
         assert [t["index"] for t in body["top"]] == [t.index for t in local.top]
 
 
 def test_eval_results_become_gauges(server: str, tiny_repo: Path) -> None:
-    from app.jobs.eval_results import EvalResult, write_eval_results
+    from app.eval_results import EvalResult, write_eval_results
 
     rows = [
         EvalResult("tiny", "center:1@softmax", "unit-set", 0.25, 0.75, 8),

@@ -14,13 +14,13 @@ from PIL import Image
 
 from app.engine import Engine
 from app.errors import DataError, EvalResultsError, InvalidRequestError
-from app.jobs.eval_results import read_eval_results
+from app.eval_results import read_eval_results
 from app.jobs.evaluate import EvalOptions, parse_configs, parse_sweep, run_evaluation
 from app.repository import ModelRepository
 from app.tta.adaptive import auto_policy
 from app.tta.preprocess import cut_views
 from app.tta.views import parse_view_spec
-from tests.helpers import PROJECT_ROOT, image_bytes, make_tiny_model
+from tests.helpers import FLOAT32, PROJECT_ROOT, image_bytes, make_tiny_model, preparer
 
 # (class, width, height): square, 4:3 and elongated images, so every auto branch is hit
 IMAGES = [(0, 64, 64), (0, 90, 64), (1, 64, 140), (1, 70, 70), (2, 100, 75), (2, 200, 80)]
@@ -46,7 +46,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def engines(repo: Path) -> dict[str, Engine]:
     r = ModelRepository(repo)
-    return {name: Engine(r.load(name, "cpu")) for name in ("tiny", "tiny_full")}
+    return {name: Engine(r.load(name, "cpu"), FLOAT32) for name in ("tiny", "tiny_full")}
 
 
 def _opts(repo: Path, data: Path, out: Path, configs: list[str], **kw: object) -> EvalOptions:
@@ -71,12 +71,14 @@ def _recompute(
     hits: dict[str, list[tuple[bool, bool, int]]] = {lv: [] for lv in levels}
     for path in sorted(data.rglob("*.png")):
         target = int(path.parent.name)
-        image = engine.prepare(path.read_bytes())
+        image = preparer(engine).image(path.read_bytes())[0]
         if spec_text == "auto":
             spec = auto_policy(*image.resized_size, engine.cfg.input_size)
         else:
             spec = parse_view_spec(spec_text)
-        views, _, _ = engine.plan(image, spec, image_seed(seed, str(path.relative_to(data))))
+        views, _, _ = preparer(engine).plan(
+            image, spec, image_seed(seed, str(path.relative_to(data)))
+        )
         outputs = engine.run_views(cut_views(image, views))
         for lv in levels:
             _, top, _ = engine.summarize(outputs, lv, top_k=3)  # type: ignore[arg-type]

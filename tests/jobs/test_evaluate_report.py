@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.errors import EvalResultsError
-from app.jobs.eval_results import EvalResult, read_eval_results, write_eval_results
+from app.eval_results import EvalResult, read_eval_results, write_eval_results
 from app.jobs.report import bootstrap_diff_ci, crop_statistics, mcnemar_exact, paired
 
 

@@ -19,7 +19,7 @@ from app.jobs.data import FixResTransform
 from app.jobs.finetune import FinetuneOptions, run_finetune
 from app.repository import ModelRepository
 from app.tta.views import parse_view_spec
-from tests.helpers import make_tiny_model
+from tests.helpers import FLOAT32, classify, make_tiny_model
 
 # Distinct base colours: the class is learnable from colour alone, whatever the features.
 PALETTE = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
@@ -110,9 +110,9 @@ def test_output_loads_in_engine_and_matches_training_crop(repo: Path, data: Path
     result = run_finetune(options(repo, data, epochs=1))
     model = ModelRepository(repo).load("tiny_fixres", "cpu")
     assert model.cfg.input_size == TEST_SIZE and model.cfg.parent == "tiny"
-    engine = Engine(model)
+    engine = Engine(model, FLOAT32)
     image_path = data / "2" / "0.png"
-    pred = engine.classify(image_path.read_bytes(), parse_view_spec("center"), top_k=10)
+    pred = classify(engine, image_path.read_bytes(), parse_view_spec("center"), top_k=10)
     assert pred.views[0].size == TEST_SIZE
     # the crop the job trains and evaluates on is the crop the server classifies
     crop = FixResTransform(result.cfg, "center")(

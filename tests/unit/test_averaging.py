@@ -5,13 +5,15 @@ import torch
 from app.engine import Engine
 from app.tta.averaging import average_probabilities
 from app.tta.views import parse_view_spec
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, preparer
 
 
 @torch.no_grad()
 def test_levels_match_their_definitions(tiny_engine: Engine) -> None:
-    image = tiny_engine.prepare(image_bytes(150, 100, seed=4))
-    views, _, _ = tiny_engine.plan(image, parse_view_spec("fixed:5,random:6,mrandom:6"), 11)
+    image = preparer(tiny_engine).image(image_bytes(150, 100, seed=4))[0]
+    views, _, _ = preparer(tiny_engine).plan(
+        image, parse_view_spec("fixed:5,random:6,mrandom:6"), 11
+    )
     from app.tta.preprocess import cut_views
 
     out = tiny_engine.run_views(cut_views(image, views))

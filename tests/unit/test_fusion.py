@@ -11,7 +11,7 @@ from torch import nn
 from app.engine import Engine
 from app.fusion import ConvPointwise, StaticSamePadConv2d, fuse_for_inference, pointwise_available
 from app.tta.views import parse_view_spec
-from tests.helpers import image_bytes
+from tests.helpers import FLOAT32, classify, image_bytes
 
 
 def _calibrated(net: nn.Module, size: int) -> nn.Module:
@@ -93,14 +93,14 @@ def test_engine_serves_the_fused_network_with_the_same_predictions(tiny_repo) ->
     from app.repository import ModelRepository
 
     model = ModelRepository(tiny_repo).load("tiny", "cpu")
-    fused, plain = Engine(model), Engine(model, fuse=False)
+    fused, plain = Engine(model, FLOAT32), Engine(model, FLOAT32.with_changes(fuse=False))
     assert fused.fusion is not None and fused.fusion.applied and fused.fusion.folded_norms > 0
     assert plain.fusion is None
     spec = parse_view_spec("fixed:5,mfixed:5,random:4")
     for seed in range(3):
         data = image_bytes(seed=seed)
-        a = fused.classify(data, spec, level="feature", seed=seed)
-        b = plain.classify(data, spec, level="feature", seed=seed)
+        a = classify(fused, data, spec, level="feature", seed=seed)
+        b = classify(plain, data, spec, level="feature", seed=seed)
         torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ from app.engine import Engine
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.tta.preprocess import DecodeLimits, decode_image, resized_shape
 from app.tta.views import parse_view_spec
-from tests.helpers import image_bytes
+from tests.helpers import FLOAT32, classify, image_bytes, preparer
 
 CENTER = parse_view_spec("center")
 
@@ -69,7 +69,7 @@ def test_bad_images_are_refused_clearly(
     tiny_engine: Engine, case: str, data: bytes, error: type[Exception], needle: str
 ) -> None:
     with pytest.raises(error, match=needle):
-        tiny_engine.classify(data, CENTER)
+        classify(tiny_engine, data, CENTER)
 
 
 def _accepted() -> list[tuple[str, bytes]]:
@@ -95,7 +95,7 @@ def _accepted() -> list[tuple[str, bytes]]:
 def test_awkward_but_valid_images_are_classified(
     tiny_engine: Engine, case: str, data: bytes
 ) -> None:
-    pred = tiny_engine.classify(data, parse_view_spec("fixed:5"), top_k=3)
+    pred = classify(tiny_engine, data, parse_view_spec("fixed:5"), top_k=3)
     assert len(pred.views) == 5 and len(pred.top) == 3
     assert abs(float(pred.probs.sum()) - 1.0) < 1e-4
 
@@ -164,11 +164,11 @@ def test_reduced_scale_decode_keeps_view_boxes_and_prediction(tiny_repo) -> None
     from app.repository import ModelRepository
 
     model = ModelRepository(tiny_repo).load("tiny", "cpu")  # resize size 80: drafts at >= 160
-    whole, draft = Engine(model), Engine(model, jpeg_draft=True)
+    whole, draft = Engine(model, FLOAT32), Engine(model, FLOAT32.with_changes(jpeg_draft=True))
     data = _encode(Image.fromarray(_smooth(1200, 800)), "JPEG", quality=95)
     spec = parse_view_spec("fixed:5,mfixed:5")
-    a, b = whole.classify(data, spec, seed=1), draft.classify(data, spec, seed=1)
-    assert draft.prepare_views(data, spec, 1).image.original_size == (1200, 800)
+    a, b = classify(whole, data, spec, seed=1), classify(draft, data, spec, seed=1)
+    assert preparer(draft).views(data, spec, 1).image.original_size == (1200, 800)
     np.testing.assert_allclose(np.asarray(b.boxes), np.asarray(a.boxes), atol=2.0)
     assert a.top[0].index == b.top[0].index
     assert float((a.probs - b.probs).abs().max()) < 0.05

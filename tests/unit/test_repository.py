@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.config import default_models_dir
 from app.errors import ModelConfigError, ModelLoadError, UnknownModelError, WeightsMismatchError
 from app.model_config import WeightsSource, load_model_config, write_model_config
-from app.repository import ModelRepository, default_models_dir, map_state_dict
+from app.repository import ModelRepository, map_state_dict
 from tests.helpers import make_tiny_model
 
 

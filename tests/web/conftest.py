@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.repository import default_models_dir
+from app.config import default_models_dir
 from tests.helpers import PROJECT_ROOT, sample_files
 from tests.server import running_server
 

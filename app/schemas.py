@@ -1,18 +1,19 @@
-"""Response bodies, as documented in the OpenAPI schema."""
+"""Response bodies: the one model that is both the JSON the server and CLI write and the
+OpenAPI schema that documents it. No torch in here."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
 
-class TopClassOut(BaseModel):
+class TopClass(BaseModel):
     index: int
     synset: str
     label: str
     prob: float
 
 
-class ViewBoxOut(BaseModel):
+class ViewBox(BaseModel):
     kind: str
     flip: bool
     box: list[float] = Field(description="[x0, y0, x1, y1] in the uploaded image's pixels")
@@ -26,15 +27,15 @@ class ErrorDetail(BaseModel):
 class ImageResult(BaseModel):
     index: int = Field(description="position of the image in the request")
     file: str | None = None
-    top: list[TopClassOut] | None = None
+    top: list[TopClass] | None = None
     level: str | None = None
     views: int | None = None
     spec: str | None = None
     policy: str | None = None
     seed: int | None = None
     label: int | None = None
-    view_boxes: list[ViewBoxOut] | None = None
-    view_top1: list[TopClassOut] | None = None
+    view_boxes: list[ViewBox] | None = None
+    view_top1: list[TopClass] | None = None
     timings_ms: dict[str, float] | None = None
     error: ErrorDetail | None = None
 

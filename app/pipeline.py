@@ -1,0 +1,174 @@
+"""The per-image pipeline that the server, the CLI and evaluation share:
+prepare (decode once, resize once, plan views, cut them as slices of one tensor)
+-> forward (the engine, directly or through the server's cross-request batcher)
+-> predict (average at the asked level, top-k, view boxes, timings).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine import Engine, ViewOutputs
+from app.errors import LimitExceededError
+from app.model_config import ModelConfig
+from app.options import DecodeLimits
+from app.request import ClassifyRequest, Level
+from app.schemas import ImageResult, TopClass, ViewBox
+from app.tta.adaptive import resolve_spec
+from app.tta.preprocess import PreparedImage, cut_views, decode_image, prepare_image
+from app.tta.views import View, ViewSpec, boxes_in_original, plan_views
+
+# a reduced-scale JPEG decode keeps the shorter side at least this many times the resize size
+JPEG_DRAFT_MARGIN = 2
+
+
+@dataclass
+class PreparedViews:
+    """An image decoded, resized, planned and cut into views: ready for a forward pass."""
+
+    image: PreparedImage
+    views: list[View]
+    seed: int
+    spec: ViewSpec  # as used: ``auto`` resolved for this image
+    batch: torch.Tensor  # [N, 3, S, S], channels_last
+    timings: dict[str, float]  # seconds: decode, preprocess
+
+
+@dataclass
+class Prediction:
+    """One image's answer, with its averaged probabilities kept for accuracy metrics."""
+
+    top: list[TopClass]
+    level: Level
+    views: list[View]
+    spec: str  # what was run (``auto`` resolved for this image)
+    policy: str  # what was asked for: the spec, or "auto"
+    seed: int
+    boxes: list[list[float]]
+    view_top1: list[TopClass]
+    probs: torch.Tensor  # [C]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def result(self, index: int = 0, file: str | None = None) -> ImageResult:
+        return ImageResult(
+            index=index,
+            file=file,
+            top=self.top,
+            level=self.level,
+            views=len(self.views),
+            spec=self.spec,
+            policy=self.policy,
+            seed=self.seed,
+            view_boxes=[
+                ViewBox(kind=v.kind, flip=v.flip, box=b)
+                for v, b in zip(self.views, self.boxes, strict=True)
+            ],
+            view_top1=self.view_top1,
+            timings_ms={k: round(v * 1000.0, 3) for k, v in self.timings.items()},
+        )
+
+
+class ImagePreparer:
+    """Bytes -> the one normalised image every view is cut from, and its views.
+
+    CPU bound and thread-safe (the server runs it off the event loop); holds no network,
+    so evaluation's DataLoader workers can carry it."""
+
+    def __init__(
+        self, cfg: ModelConfig, device: torch.device, limits: DecodeLimits, jpeg_draft: bool
+    ) -> None:
+        self.cfg, self.device, self.limits = cfg, device, limits
+        # opt-in: large JPEGs decoded at 1/2-1/8 scale, still at least twice the resize size
+        self.draft_min_side = JPEG_DRAFT_MARGIN * cfg.resize_size if jpeg_draft else 0
+
+    def image(self, data: bytes) -> tuple[PreparedImage, dict[str, float]]:
+        """Decode and resize once; (image, seconds of decode and resize)."""
+        t0 = time.perf_counter()
+        decoded = decode_image(data, self.limits, self.draft_min_side)
+        t1 = time.perf_counter()
+        image = prepare_image(
+            decoded.image, self.cfg, self.device, decoded.format, decoded.original_size
+        )
+        return image, {"decode": t1 - t0, "resize": time.perf_counter() - t1}
+
+    def plan(
+        self, image: PreparedImage, spec: ViewSpec, seed: int | None
+    ) -> tuple[list[View], int, ViewSpec]:
+        """View boxes, the seed used (drawn when missing, so the answer can be reproduced)
+        and the spec used (``auto`` resolved for this image's size)."""
+        seed = secrets.randbits(31) if seed is None else seed
+        w, h = image.resized_size
+        size = self.cfg.input_size
+        used = resolve_spec(spec, w, h, size)
+        return plan_views(used, w, h, size, seed), seed, used
+
+    def views(
+        self, data: bytes, spec: ViewSpec, seed: int | None, max_views: int = 0
+    ) -> PreparedViews:
+        """Decode, resize, plan and cut; ``max_views`` (0: none) is checked per image,
+        since ``auto`` is only known once the image's size is."""
+        image, t = self.image(data)
+        t0 = time.perf_counter()
+        views, used_seed, used = self.plan(image, spec, seed)
+        if max_views and len(views) > max_views:
+            raise LimitExceededError(f"{len(views)} views for this image; the limit is {max_views}")
+        batch = cut_views(image, views)
+        timings = {"decode": t["decode"], "preprocess": t["resize"] + time.perf_counter() - t0}
+        return PreparedViews(image, views, used_seed, used, batch, timings)
+
+
+class ImagePipeline:
+    """prepare -> forward -> predict for one engine; the forward may run elsewhere (the
+    server's batcher), so the three steps are callable apart and ``classify`` chains them."""
+
+    def __init__(self, engine: Engine, max_views: int = 0) -> None:
+        self.engine = engine
+        self.max_views = max_views
+        o = engine.options
+        self.preparer = ImagePreparer(engine.cfg, engine.device, o.limits, o.jpeg_draft)
+
+    def prepare(self, data: bytes, request: ClassifyRequest) -> PreparedViews:
+        request.checked(self.engine.cfg.num_classes)
+        return self.preparer.views(data, request.spec, request.seed, self.max_views)
+
+    def predict(
+        self,
+        prepared: PreparedViews,
+        outputs: ViewOutputs,
+        request: ClassifyRequest,
+        queue_wait_s: float,
+        forward_s: float,
+    ) -> Prediction:
+        t0 = time.perf_counter()
+        probs, top, view_top1 = self.engine.summarize(outputs, request.level, request.top_k)
+        image = prepared.image
+        boxes = boxes_in_original(prepared.views, image.resized_size, image.original_size)
+        timings = {
+            **prepared.timings,
+            "queue_wait": queue_wait_s,
+            "forward": forward_s,
+            "postprocess": time.perf_counter() - t0,
+        }
+        return Prediction(
+            top=top,
+            level=request.level,
+            views=prepared.views,
+            spec=str(prepared.spec),
+            policy=str(request.spec),
+            seed=prepared.seed,
+            boxes=boxes,
+            view_top1=view_top1,
+            probs=probs,
+            timings=timings,
+        )
+
+    def classify(self, data: bytes, request: ClassifyRequest) -> Prediction:
+        """The whole path in this thread (CLI, evaluation, tests)."""
+        prepared = self.prepare(data, request)
+        t0 = time.perf_counter()
+        outputs = self.engine.run_views(prepared.batch)
+        return self.predict(prepared, outputs, request, 0.0, time.perf_counter() - t0)
