@@ -5,7 +5,9 @@ forward and TensorFlow "SAME" padding (``F.pad`` before every stride-2 convoluti
 another fifth, both pure memory traffic. In eval mode a batch norm is an affine map per
 channel, so it folds into the convolution that feeds it; and for a fixed input size the
 asymmetric SAME padding becomes a symmetric padding plus a zero row and column at the
-start of the kernel, so no padded copy of the activations is ever made.
+start of the kernel, so no padded copy of the activations is ever made. That padding
+depends only on the input size modulo the stride, so one variant per remainder makes the
+rewrite exact at every input size (full-image views come in many shapes).
 
 Once the norms are folded, a timm norm's activation (ReLU6 in the lite models) is the
 next pass over memory: a quarter of the remaining forward. On a CPU with oneDNN the
@@ -14,8 +16,8 @@ for this pattern), which applies the activation as it writes its output.
 
 The rewrites work on a copy, find conv -> batch-norm pairs by data flow (the norm's input
 is the very tensor the convolution returned), and are checked against the original
-network on a random batch in float32; a network whose rewrite does not match is served
-without it.
+network in float32 at several input shapes; a network whose rewrite does not match is
+served without it.
 """
 
 from __future__ import annotations
@@ -56,12 +58,6 @@ class FusionReport:
             f"made static, {self.fused_activations} activations fused into their "
             f"convolutions, max float32 output difference {self.max_abs_diff:.2g}"
         )
-
-
-def _check_input_hw(x: torch.Tensor, expected: tuple[int, int]) -> None:
-    """Padding made static for one size would be silently wrong for another."""
-    if tuple(x.shape[-2:]) != expected:
-        raise ValueError(f"this network was fused for {expected} inputs here, got {x.shape}")
 
 
 # activation module -> (oneDNN post-op name, its scalars)
@@ -105,7 +101,6 @@ class ConvPointwise(nn.Module):
             conv.groups,
         )
         self.attr, self.scalars = attr, scalars
-        self.input_hw: tuple[int, int] | None = getattr(conv, "input_hw", None)
 
     def cast(self, dtype: torch.dtype) -> None:
         with torch.no_grad():
@@ -116,8 +111,6 @@ class ConvPointwise(nn.Module):
             self.bias = nn.Parameter(self.bias.to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_hw is not None:
-            _check_input_hw(x, self.input_hw)
         padding, stride, dilation, groups = self.geometry
         return torch.ops.mkldnn._convolution_pointwise(
             x.to(self.weight.dtype), self.weight, self.bias, padding, stride, dilation, groups,
@@ -125,65 +118,75 @@ class ConvPointwise(nn.Module):
         )  # fmt: skip
 
 
-class StaticSamePadConv2d(nn.Conv2d):
-    """A stride-s TF "SAME" convolution for one input size, with no padded copy.
+def _symmetric_same_conv(conv: Conv2dSame, remainder: tuple[int, int]) -> nn.Conv2d:
+    """The SAME convolution for inputs whose size leaves ``remainder`` modulo the stride.
 
     SAME pads ``p`` before and ``p + d`` after. A symmetric padding of ``p + d`` with ``d``
     zero rows/columns prepended to the kernel reads exactly the same pixels with the same
-    weights. Other input sizes would be silently wrong, so they raise.
-    """
+    weights."""
+    kh, kw = conv.weight.shape[-2:]
+    # any size with this remainder pads the same; one large enough for the kernel stands in
+    size_h = remainder[0] + conv.stride[0] * kh
+    size_w = remainder[1] + conv.stride[1] * kw
+    pad_h = get_same_padding(size_h, kh, conv.stride[0], conv.dilation[0])
+    pad_w = get_same_padding(size_w, kw, conv.stride[1], conv.dilation[1])
+    dh, dw = pad_h - 2 * (pad_h // 2), pad_w - 2 * (pad_w // 2)  # the extra after-pad
+    out = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        (kh + dh, kw + dw),
+        conv.stride,  # type: ignore[arg-type]
+        (pad_h - pad_h // 2, pad_w - pad_w // 2),
+        1,
+        conv.groups,
+        conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        out.weight.zero_()
+        out.weight[:, :, dh:, dw:] = conv.weight
+        if conv.bias is not None and out.bias is not None:
+            out.bias.copy_(conv.bias)
+    out.weight = nn.Parameter(out.weight.contiguous(memory_format=torch.channels_last))
+    return out
 
-    def __init__(self, conv: Conv2dSame, input_hw: tuple[int, int]) -> None:
-        kh, kw = conv.weight.shape[-2:]
-        pad_h = get_same_padding(input_hw[0], kh, conv.stride[0], conv.dilation[0])
-        pad_w = get_same_padding(input_hw[1], kw, conv.stride[1], conv.dilation[1])
-        dh, dw = pad_h - 2 * (pad_h // 2), pad_w - 2 * (pad_w // 2)  # the extra after-pad
-        super().__init__(
-            conv.in_channels,
-            conv.out_channels,
-            (kh + dh, kw + dw),
-            conv.stride,  # type: ignore[arg-type]
-            (pad_h - pad_h // 2, pad_w - pad_w // 2),
-            conv.dilation,  # type: ignore[arg-type]
-            conv.groups,
-            conv.bias is not None,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
+
+class StaticSamePadConv2d(nn.Module):
+    """A stride-s TF "SAME" convolution with no padded copy, exact at every input size:
+    one symmetric-padding variant per remainder of the input size modulo the stride (4 for
+    stride 2), picked per call."""
+
+    def __init__(self, conv: Conv2dSame) -> None:
+        super().__init__()
+        self.stride = (int(conv.stride[0]), int(conv.stride[1]))
+        self.variants = nn.ModuleDict(
+            {
+                f"{rh}_{rw}": _symmetric_same_conv(conv, (rh, rw))
+                for rh in range(self.stride[0])
+                for rw in range(self.stride[1])
+            }
         )
-        self.input_hw = input_hw
-        with torch.no_grad():
-            self.weight.zero_()
-            self.weight[:, :, dh:, dw:] = conv.weight
-            if conv.bias is not None and self.bias is not None:
-                self.bias.copy_(conv.bias)
-        self.weight = nn.Parameter(self.weight.contiguous(memory_format=torch.channels_last))
 
     @staticmethod
     def applies(conv: Conv2dSame) -> bool:
         return tuple(conv.dilation) == (1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input_hw(x, self.input_hw)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        h, w = x.shape[-2:]
+        return self.variants[f"{h % self.stride[0]}_{w % self.stride[1]}"](x)
 
 
-def _probe(net: nn.Module, input_size: int) -> tuple[list[tuple[str, str]], dict[str, tuple]]:
+def _probe(net: nn.Module, input_size: int) -> list[tuple[str, str]]:
     """One forward with hooks: (conv, norm) name pairs where the norm reads exactly what the
-    convolution wrote, and each SAME convolution's input height and width."""
+    convolution wrote."""
     conv_outputs: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: list[tuple[str, str]] = []
-    same_inputs: dict[str, tuple] = {}
     hooks = []
 
     def conv_done(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
             conv_outputs[id(out)] = (name, out)  # keeping ``out`` alive keeps its id unique
-
-        return hook
-
-    def same_input(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, inp: tuple) -> None:
-            same_inputs[name] = tuple(inp[0].shape[-2:])
 
         return hook
 
@@ -198,8 +201,6 @@ def _probe(net: nn.Module, input_size: int) -> tuple[list[tuple[str, str]], dict
     for name, module in net.named_modules():
         if isinstance(module, nn.Conv2d):
             hooks.append(module.register_forward_hook(conv_done(name)))
-        if isinstance(module, Conv2dSame):
-            hooks.append(module.register_forward_pre_hook(same_input(name)))
         if type(module) in (nn.BatchNorm2d, BatchNormAct2d):
             hooks.append(module.register_forward_pre_hook(norm_input(name)))
     device = next(net.parameters()).device
@@ -209,7 +210,7 @@ def _probe(net: nn.Module, input_size: int) -> tuple[list[tuple[str, str]], dict
     finally:
         for h in hooks:
             h.remove()
-    return pairs, same_inputs
+    return pairs
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -241,7 +242,7 @@ def _rewrite(
 ) -> tuple[nn.Module, tuple[int, int, int]]:
     """The rewritten copy, all in float32, and its counts (norms, paddings, activations)."""
     fused = copy.deepcopy(net).eval()
-    pairs, same_inputs = _probe(fused, input_size)
+    pairs = _probe(fused, input_size)
     activations: list[tuple[str, str, nn.Module]] = []
     folded = 0
     for conv_name, norm_name in pairs:
@@ -255,47 +256,64 @@ def _rewrite(
         if isinstance(norm, BatchNormAct2d) and isinstance(norm.drop, nn.Identity):
             activations.append((conv_name, norm_name, norm.act))
     static = 0
-    for name, hw in same_inputs.items():
-        conv = fused.get_submodule(name)
+    for name, conv in list(fused.named_modules()):
         if isinstance(conv, Conv2dSame) and StaticSamePadConv2d.applies(conv):
-            _replace(fused, name, StaticSamePadConv2d(conv, hw))
+            _replace(fused, name, StaticSamePadConv2d(conv))
             static += 1
     fused_acts = 0
     for conv_name, norm_name, act in activations if pointwise else []:
         conv, spec = fused.get_submodule(conv_name), _pointwise_attr(act)
-        if spec is None or not isinstance(conv, nn.Conv2d):
+        if spec is None:
             continue
-        if isinstance(conv, Conv2dSame) or isinstance(conv.padding, str):  # pads per call
+        if isinstance(conv, StaticSamePadConv2d):  # each remainder's variant fuses alike
+            for key, variant in conv.variants.items():
+                assert isinstance(variant, nn.Conv2d)
+                conv.variants[key] = ConvPointwise(variant, *spec)
+        elif isinstance(conv, Conv2dSame) or not isinstance(conv, nn.Conv2d):
+            continue  # pads per call
+        elif isinstance(conv.padding, str):
             continue
-        _replace(fused, conv_name, ConvPointwise(conv, *spec))
+        else:
+            _replace(fused, conv_name, ConvPointwise(conv, *spec))
         _replace(fused, norm_name, nn.Identity())
         fused_acts += 1
     return fused, (folded, static, fused_acts)
 
 
+def check_shapes(input_size: int) -> list[tuple[int, int]]:
+    """Input shapes a rewrite is checked at: the square view, a landscape full image, and odd
+    sizes (every remainder of the stride-2 paddings)."""
+    s = input_size
+    return [(s, s), (s + s // 4, s + s // 2), (s + 1, s + 3)]
+
+
 def _max_diff(net: nn.Module, fused: nn.Module, input_size: int) -> tuple[float, bool]:
+    """The largest output difference over ``check_shapes``; ok when within rounding."""
     device = next(net.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, input_size, input_size, generator=generator).to(device)
+    inputs = [
+        torch.randn(2, 3, h, w, generator=generator).to(device) for h, w in check_shapes(input_size)
+    ]
     was_training = net.training
     # full float32 on a GPU too: TF32 rounding would hide a wrong rewrite or fail a right one
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            ref, out = net.eval()(x), fused(x)
+            pairs = [(net.eval()(x).float(), fused(x).float()) for x in inputs]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         net.train(was_training)
-    diff = float((ref.float() - out.float()).abs().max())
-    return diff, diff <= VERIFY_TOLERANCE * max(1.0, float(ref.float().abs().max()))
+    diff = max(float((ref - out).abs().max()) for ref, out in pairs)
+    scale = max(float(ref.abs().max()) for ref, _ in pairs)
+    return diff, diff <= VERIFY_TOLERANCE * max(1.0, scale)
 
 
 def fuse_for_inference(
     net: nn.Module, input_size: int, compute_dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, FusionReport]:
-    """An eval-mode copy of ``net`` rewritten for ``input_size`` square inputs, or ``net``
-    itself when the copy's outputs differ. With ``compute_dtype`` (float32 or bfloat16) on a
+    """An eval-mode copy of ``net`` rewritten for inference at any input size (checked at
+    ``check_shapes(input_size)``), or ``net`` itself when the copy's outputs differ. With ``compute_dtype`` (float32 or bfloat16) on a
     CPU with oneDNN, convolution + activation pairs become one primitive in that dtype."""
     device = next(net.parameters()).device
     pointwise = compute_dtype in (torch.float32, torch.bfloat16) and pointwise_available(device)
