@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.norm_act import BatchNormAct2d
 from timm.layers.padding import get_same_padding
@@ -313,8 +312,9 @@ def fuse_for_inference(
     net: nn.Module, input_size: int, compute_dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, FusionReport]:
     """An eval-mode copy of ``net`` rewritten for inference at any input size (checked at
-    ``check_shapes(input_size)``), or ``net`` itself when the copy's outputs differ. With ``compute_dtype`` (float32 or bfloat16) on a
-    CPU with oneDNN, convolution + activation pairs become one primitive in that dtype."""
+    ``check_shapes(input_size)``), or ``net`` itself when the copy's outputs differ. With
+    ``compute_dtype`` (float32 or bfloat16) on a CPU with oneDNN, convolution + activation
+    pairs become one primitive in that dtype."""
     device = next(net.parameters()).device
     pointwise = compute_dtype in (torch.float32, torch.bfloat16) and pointwise_available(device)
     diff, ok, counts = float("inf"), False, (0, 0, 0)
