@@ -1,10 +1,15 @@
-"""Cross-request batching, counted in views, with a bounded queue.
+"""Cross-request batching by view shape, counted in view-equivalents, with a bounded queue.
 
-Each request submits the stacked views of one image. The batcher packs views of concurrent
-requests into forward passes of at most ``max_batch_views`` (splitting a request across
-passes when needed), flushing on size or after ``max_wait_s``. One Future per request;
-results go back in view order; a failing forward fails only the requests in that batch.
-When the queue holds ``max_queue_views``, new work is refused at once (503 upstream).
+Each request submits the views of one image, grouped by shape (square crops at the model's
+input size; whole-image views in shapes that recur because their long side is rounded to
+the network's stride). A forward runs one shape: the oldest waiting view sets it, and views
+of that shape from every queued request join it, up to ``max_batch_views`` view-equivalents
+(a view's pixels over the pixels of one view at the model's input size, so a forward's cost
+stays bounded whatever the shape); requests are split across forwards when needed. Nothing
+is padded, so global pooling sees exactly the view's pixels. Flush on size or after
+``max_wait_s``; one Future per request; results go back in view order; a failing forward
+fails only the requests in that batch. When the queue holds ``max_queue_views``
+view-equivalents, new work is refused at once (503 upstream).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +29,7 @@ import torch
 from app.engine import ViewOutputs
 from app.errors import OverloadedError
 from app.metrics import Metrics
+from app.tta.preprocess import ViewGroup
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +43,57 @@ class BatchTimings:
 
 @dataclass
 class _Job:
-    views: torch.Tensor
+    groups: list[ViewGroup]
     future: asyncio.Future[tuple[ViewOutputs, BatchTimings]]
     enqueued_at: float
-    done: list[tuple[int, ViewOutputs]] = field(default_factory=list)
+    done: list[tuple[int, int, ViewOutputs]] = field(default_factory=list)  # group, start
     done_views: int = 0
     timings: BatchTimings = field(default_factory=BatchTimings)
     started: bool = False
 
     @property
     def size(self) -> int:
-        return int(self.views.shape[0])
+        return sum(len(g.indices) for g in self.groups)
 
     @property
     def abandoned(self) -> bool:
         return self.future.done()
 
+    def merged(self) -> ViewOutputs:
+        """Every group's rows, in the request's view order."""
+        parts = []
+        for gi, group in enumerate(self.groups):
+            pieces = sorted(((start, out) for g, start, out in self.done if g == gi),
+                            key=lambda item: item[0])  # fmt: skip
+            features = torch.cat([out.features for _, out in pieces])
+            logits = torch.cat([out.logits for _, out in pieces])
+            parts.append((group.indices, ViewOutputs(features, logits)))
+        return ViewOutputs.in_view_order(parts)
+
 
 @dataclass
 class _Piece:
     job: _Job
+    group: int
     start: int
     stop: int
+    view_cost: float  # view-equivalents of one view of this shape
 
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+    @property
+    def cost(self) -> float:
+        return self.size * self.view_cost
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.job.groups[self.group].batch.shape[-2:])
+
+    @property
+    def views(self) -> torch.Tensor:
+        return self.job.groups[self.group].batch[self.start : self.stop]
 
 
 def split_on_oom(
@@ -97,7 +129,10 @@ class ViewBatcher:
         max_queue_views: int,
         metrics: Metrics | None = None,
         workers: int = 1,
+        view_pixels: int = 0,
     ) -> None:
+        """``view_pixels``: the pixels of one view at the model's input size, the unit of
+        batch and queue sizes (0: every view counts as one, whatever its shape)."""
         if max_batch_views < 1 or max_queue_views < 1:
             raise ValueError("max_batch_views and max_queue_views must be positive")
         self.model_name = model_name
@@ -106,8 +141,9 @@ class ViewBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_views = max_queue_views
         self.metrics = metrics
+        self.view_pixels = view_pixels
         self._pending: deque[_Piece] = deque()
-        self._queued_views = 0
+        self._queued_views = 0.0  # view-equivalents
         self._wakeup = asyncio.Event()
         # Several forwards may run at once, each on its own thread: on a small CPU, two
         # single-threaded forwards beat one forward on a two-thread OpenMP team (no barrier
@@ -143,8 +179,12 @@ class ViewBatcher:
         self._executor.shutdown(wait=True)
 
     @property
-    def queued_views(self) -> int:
+    def queued_views(self) -> float:
         return self._queued_views
+
+    def view_cost(self, shape: tuple[int, ...]) -> float:
+        """View-equivalents of one view of ``shape`` (height, width)."""
+        return shape[-2] * shape[-1] / self.view_pixels if self.view_pixels else 1.0
 
     # -- submitting -----------------------------------------------------------------
     def retry_after_s(self) -> float:
@@ -153,21 +193,32 @@ class ViewBatcher:
         return max(1.0, self._queued_views / self._views_per_s)
 
     async def submit(
-        self, views: torch.Tensor, timeout_s: float
+        self, views: torch.Tensor | list[ViewGroup], timeout_s: float
     ) -> tuple[ViewOutputs, BatchTimings]:
-        """Queue the views of one image; raises OverloadedError when the queue is full and
-        TimeoutError after ``timeout_s`` (its queued views are then dropped, not run)."""
-        n = int(views.shape[0])
-        if self._queued_views + n > self.max_queue_views:
+        """Queue the views of one image (one stack of one shape, or groups by shape);
+        raises OverloadedError when the queue is full and TimeoutError after ``timeout_s``
+        (its queued views are then dropped, not run). Outputs come back in view order."""
+        if isinstance(views, torch.Tensor):
+            views = [ViewGroup(list(range(int(views.shape[0]))), views)]
+        pieces: list[_Piece] = []
+        loop = asyncio.get_running_loop()
+        job = _Job(groups=views, future=loop.create_future(), enqueued_at=time.perf_counter())
+        for gi, group in enumerate(views):
+            n, view_cost = int(group.batch.shape[0]), self.view_cost(group.batch.shape)
+            step = max(1, int(self.max_batch_views / view_cost))
+            pieces += [
+                _Piece(job, gi, start, min(n, start + step), view_cost)
+                for start in range(0, n, step)
+            ]
+        cost = sum(p.cost for p in pieces)
+        if self._queued_views + cost > self.max_queue_views:
             raise OverloadedError(
-                f"queue full ({self._queued_views} views waiting, limit {self.max_queue_views})",
+                f"queue full ({self._queued_views:.0f} view-equivalents waiting, this image "
+                f"{cost:.1f}, limit {self.max_queue_views})",
                 retry_after_s=self.retry_after_s(),
             )
-        loop = asyncio.get_running_loop()
-        job = _Job(views=views, future=loop.create_future(), enqueued_at=time.perf_counter())
-        for start in range(0, n, self.max_batch_views):
-            self._pending.append(_Piece(job, start, min(n, start + self.max_batch_views)))
-        self._set_queue(self._queued_views + n)
+        self._pending.extend(pieces)
+        self._set_queue(self._queued_views + cost)
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
@@ -180,46 +231,59 @@ class ViewBatcher:
         if not job.future.done():
             job.future.cancel()
         kept = [p for p in self._pending if p.job is not job]
-        dropped = sum(p.size for p in self._pending if p.job is job)
+        dropped = sum(p.cost for p in self._pending if p.job is job)
         self._pending = deque(kept)
         self._set_queue(self._queued_views - dropped)
 
-    def _set_queue(self, views: int) -> None:
-        self._queued_views = views
+    def _set_queue(self, views: float) -> None:
+        self._queued_views = max(0.0, views)
         if self.metrics:
             self.metrics.queue_views.labels(self.model_name).set(views)
 
     # -- the worker -----------------------------------------------------------------
-    def batch_size_now(self) -> int:
-        """Views for the next forward: full batches while the queue is deep; with idle
-        workers and a short queue, an even share each, so the views of a lone request run
-        on every idle worker at once instead of queueing behind each other."""
-        share = -(-self._queued_views // (self._idle_workers + 1))  # idle others + this one
+    def batch_size_now(self) -> float:
+        """View-equivalents for the next forward: full batches while the queue is deep;
+        with idle workers and a short queue, an even share each, so the views of a lone
+        request run on every idle worker at once instead of queueing behind each other."""
+        share = math.ceil(self._queued_views / (self._idle_workers + 1) - 1e-9)
         return max(1, min(self.max_batch_views, share))
 
     def _take_batch(self) -> list[_Piece]:
-        """Up to batch_size_now() views in arrival order; a piece that does not fit is split."""
+        """Views of one shape, the oldest waiting view's, up to batch_size_now()
+        view-equivalents, in arrival order; a piece that does not fit is split."""
+        while self._pending and self._pending[0].job.abandoned:
+            self._set_queue(self._queued_views - self._pending.popleft().cost)
+        if not self._pending:
+            return []
+        shape = self._pending[0].shape
         room = self.batch_size_now()
         now = time.perf_counter()
         batch: list[_Piece] = []
-        while self._pending and room > 0:
-            piece = self._pending[0]
+        kept: deque[_Piece] = deque()
+        while self._pending:
+            piece = self._pending.popleft()
             if piece.job.abandoned:
-                self._pending.popleft()
-                self._set_queue(self._queued_views - piece.size)
+                self._set_queue(self._queued_views - piece.cost)
                 continue
-            if piece.size <= room:
-                self._pending.popleft()
-                taken = piece
-            else:
-                taken = _Piece(piece.job, piece.start, piece.start + room)
-                piece.start += room
+            fits = int(room / piece.view_cost + 1e-9)
+            if piece.shape != shape or (batch and fits < 1):
+                kept.append(piece)
+                continue
+            n = max(1, fits)  # the first piece runs even if one of its views exceeds the room
+            taken = piece
+            if piece.size > n:
+                taken = _Piece(
+                    piece.job, piece.group, piece.start, piece.start + n, piece.view_cost
+                )
+                piece.start += n
+                kept.append(piece)
             batch.append(taken)
             if not taken.job.started:
                 taken.job.started = True
                 taken.job.timings.queue_wait_s = now - taken.job.enqueued_at
-            room -= taken.size
-            self._set_queue(self._queued_views - taken.size)
+            room -= taken.cost
+            self._set_queue(self._queued_views - taken.cost)
+        self._pending = kept
         return batch
 
     async def _gather(self) -> None:
@@ -269,7 +333,7 @@ class ViewBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         jobs = {id(p.job): p.job for p in batch}
-        parts = [p.job.views[p.start : p.stop] for p in batch]
+        parts = [p.views for p in batch]
         n_views = sum(p.size for p in batch)
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_parts, parts)
@@ -315,12 +379,12 @@ class ViewBatcher:
             if job.future.done():
                 continue
             job.done.append(
-                (piece.start, ViewOutputs(outputs.features[rows], outputs.logits[rows]))
+                (
+                    piece.group,
+                    piece.start,
+                    ViewOutputs(outputs.features[rows], outputs.logits[rows]),
+                )
             )
             job.done_views += piece.size
             if job.done_views == job.size:
-                parts = [out for _, out in sorted(job.done, key=lambda item: item[0])]
-                merged = ViewOutputs(
-                    torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts])
-                )
-                job.future.set_result((merged, job.timings))
+                job.future.set_result((job.merged(), job.timings))

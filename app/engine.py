@@ -22,6 +22,7 @@ from app.repository import LoadedModel, ModelRepository
 from app.request import Level
 from app.schemas import TopClass
 from app.tta.averaging import average_probabilities
+from app.tta.preprocess import ViewGroup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +61,18 @@ class ViewOutputs:
 
     features: torch.Tensor  # [N, D]
     logits: torch.Tensor  # [N, C]
+
+    @classmethod
+    def in_view_order(cls, parts: list[tuple[list[int], ViewOutputs]]) -> ViewOutputs:
+        """Outputs of view groups (each with its views' positions) back in view order."""
+        if len(parts) == 1:
+            return parts[0][1]
+        order = torch.tensor([i for idx, _ in parts for i in idx])
+        rows = torch.empty_like(order)
+        rows[order] = torch.arange(len(order))
+        features = torch.cat([out.features for _, out in parts])[rows]
+        logits = torch.cat([out.logits for _, out in parts])[rows]
+        return cls(features, logits)
 
 
 class Engine:
@@ -115,7 +128,8 @@ class Engine:
         return f, self.model.head(f)
 
     def run_views(self, batch: torch.Tensor) -> ViewOutputs:
-        """Features and logits of a stack of views [N, 3, S, S], chunked for the device."""
+        """Features and logits of a stack of views of one shape [N, 3, H, W], chunked for
+        the device."""
         feats, logits = [], []
         compiled = self._compiled
         # dynamo does not trace under inference_mode; no_grad is its equivalent there
@@ -132,6 +146,10 @@ class Engine:
                 feats.append(f[:n].float())
                 logits.append(out[:n].float())
         return ViewOutputs(torch.cat(feats), torch.cat(logits))
+
+    def run_groups(self, groups: list[ViewGroup]) -> ViewOutputs:
+        """Views of several shapes, a forward per shape; outputs in view order."""
+        return ViewOutputs.in_view_order([(g.indices, self.run_views(g.batch)) for g in groups])
 
     # -- from view outputs to classes ---------------------------------------------------
     def _top(self, probs: torch.Tensor, indices: torch.Tensor) -> list[TopClass]:

@@ -19,8 +19,14 @@ from app.options import DecodeLimits
 from app.request import ClassifyRequest, Level
 from app.schemas import ImageResult, TopClass, ViewBox
 from app.tta.adaptive import resolve_spec
-from app.tta.preprocess import PreparedImage, cut_views, decode_image, prepare_image
-from app.tta.views import View, ViewSpec, boxes_in_original, plan_views
+from app.tta.preprocess import (
+    PreparedImage,
+    ViewGroup,
+    cut_view_groups,
+    decode_image,
+    prepare_image,
+)
+from app.tta.views import View, ViewGeometry, ViewSpec, boxes_in_original, plan_image_views
 
 # a reduced-scale JPEG decode keeps the shorter side at least this many times the resize size
 JPEG_DRAFT_MARGIN = 2
@@ -34,7 +40,7 @@ class PreparedViews:
     views: list[View]
     seed: int
     spec: ViewSpec  # as used: ``auto`` resolved for this image
-    batch: torch.Tensor  # [N, 3, S, S], channels_last
+    groups: list[ViewGroup]  # the views by shape, stacked channels_last
     timings: dict[str, float]  # seconds: decode, preprocess
 
 
@@ -79,21 +85,26 @@ class ImagePreparer:
     so evaluation's DataLoader workers can carry it."""
 
     def __init__(
-        self, cfg: ModelConfig, device: torch.device, limits: DecodeLimits, jpeg_draft: bool
+        self,
+        cfg: ModelConfig,
+        device: torch.device,
+        limits: DecodeLimits,
+        jpeg_draft: bool,
+        stride: int = 32,
     ) -> None:
         self.cfg, self.device, self.limits = cfg, device, limits
+        self.geometry = ViewGeometry(cfg.input_size, cfg.crop_pct, cfg.resize_size, stride)
         # opt-in: large JPEGs decoded at 1/2-1/8 scale, still at least twice the resize size
         self.draft_min_side = JPEG_DRAFT_MARGIN * cfg.resize_size if jpeg_draft else 0
 
-    def image(self, data: bytes) -> tuple[PreparedImage, dict[str, float]]:
-        """Decode and resize once; (image, seconds of decode and resize)."""
+    def image(self, data: bytes) -> tuple[PreparedImage, float]:
+        """The decoded image, ready to be resized once per resolution; (image, decode s)."""
         t0 = time.perf_counter()
         decoded = decode_image(data, self.limits, self.draft_min_side)
-        t1 = time.perf_counter()
         image = prepare_image(
             decoded.image, self.cfg, self.device, decoded.format, decoded.original_size
         )
-        return image, {"decode": t1 - t0, "resize": time.perf_counter() - t1}
+        return image, time.perf_counter() - t0
 
     def plan(
         self, image: PreparedImage, spec: ViewSpec, seed: int | None
@@ -102,23 +113,40 @@ class ImagePreparer:
         and the spec used (``auto`` resolved for this image's size)."""
         seed = secrets.randbits(31) if seed is None else seed
         w, h = image.resized_size
-        size = self.cfg.input_size
-        used = resolve_spec(spec, w, h, size)
-        return plan_views(used, w, h, size, seed), seed, used
+        used = resolve_spec(spec, w, h, self.cfg.input_size)
+        views = plan_image_views(used, *image.decoded_size, self.geometry, seed)
+        return views, seed, used
 
     def views(
         self, data: bytes, spec: ViewSpec, seed: int | None, max_views: int = 0
     ) -> PreparedViews:
-        """Decode, resize, plan and cut; ``max_views`` (0: none) is checked per image,
-        since ``auto`` is only known once the image's size is."""
-        image, t = self.image(data)
+        """Decode, plan, resize and cut; ``max_views`` (0: none) bounds both the count and
+        the pixels (in views of the model's input size), checked per image, since ``auto``
+        and whole-image shapes are only known once the image's size is."""
+        image, decode_s = self.image(data)
         t0 = time.perf_counter()
         views, used_seed, used = self.plan(image, spec, seed)
-        if max_views and len(views) > max_views:
+        if max_views:
+            self.check_budget(views, max_views)
+        groups = cut_view_groups(image, views)
+        image.source = None  # every tensor the views need is made: free the decoded pixels
+        timings = {"decode": decode_s, "preprocess": time.perf_counter() - t0}
+        return PreparedViews(image, views, used_seed, used, groups, timings)
+
+    def view_equivalents(self, views: list[View]) -> float:
+        """Compute of ``views`` in views of the model's input size (pixels / input_size²)."""
+        return sum(v.width * v.height for v in views) / self.cfg.input_size**2
+
+    def check_budget(self, views: list[View], max_views: int) -> None:
+        if len(views) > max_views:
             raise LimitExceededError(f"{len(views)} views for this image; the limit is {max_views}")
-        batch = cut_views(image, views)
-        timings = {"decode": t["decode"], "preprocess": t["resize"] + time.perf_counter() - t0}
-        return PreparedViews(image, views, used_seed, used, batch, timings)
+        cost = self.view_equivalents(views)
+        if cost > max_views:
+            s = self.cfg.input_size
+            raise LimitExceededError(
+                f"the views of this image cover {cost:.1f} times the pixels of a {s}x{s} view; "
+                f"the limit is {max_views} (use a smaller @size or fewer views)"
+            )
 
 
 class ImagePipeline:
@@ -129,7 +157,9 @@ class ImagePipeline:
         self.engine = engine
         self.max_views = max_views
         o = engine.options
-        self.preparer = ImagePreparer(engine.cfg, engine.device, o.limits, o.jpeg_draft)
+        self.preparer = ImagePreparer(
+            engine.cfg, engine.device, o.limits, o.jpeg_draft, engine.model.stride
+        )
 
     def prepare(self, data: bytes, request: ClassifyRequest) -> PreparedViews:
         request.checked(self.engine.cfg.num_classes)
@@ -170,5 +200,5 @@ class ImagePipeline:
         """The whole path in this thread (CLI, evaluation, tests)."""
         prepared = self.prepare(data, request)
         t0 = time.perf_counter()
-        outputs = self.engine.run_views(prepared.batch)
+        outputs = self.engine.run_groups(prepared.groups)
         return self.predict(prepared, outputs, request, 0.0, time.perf_counter() - t0)

@@ -39,6 +39,16 @@ class LoadedModel:
         return int(self.network.num_features)  # type: ignore[arg-type]
 
     @property
+    def stride(self) -> int:
+        """The network's total stride (32 for ResNets and EfficientNets): full-image views
+        round their long side to it, so their shapes recur and batch together."""
+        info = getattr(self.network, "feature_info", None)
+        try:
+            return int(info[-1]["reduction"]) if info else 32
+        except (KeyError, IndexError, TypeError):
+            return 32
+
+    @property
     def classifier(self) -> nn.Module:
         return self.network.get_classifier()  # type: ignore[operator]
 

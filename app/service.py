@@ -101,6 +101,7 @@ class ClassifyService:
                 max_queue_views=max(s.max_queue_views, 1),
                 metrics=self.metrics,
                 workers=self.forward_plan.workers,
+                view_pixels=engine.cfg.input_size**2,
             )
             batcher.start()
             slot.pipeline, slot.batcher, slot.state = pipeline, batcher, "ready"
@@ -175,7 +176,7 @@ class ClassifyService:
         if left <= 0:
             raise DeadlineExceededError("request deadline passed before its forward pass")
         try:
-            outputs, batch_timings = await batcher.submit(prepared.batch, left)
+            outputs, batch_timings = await batcher.submit(prepared.groups, left)
         except TimeoutError as exc:
             raise DeadlineExceededError(
                 f"no result within {self.settings.request_timeout_s:g} s (server busy)"

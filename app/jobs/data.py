@@ -84,7 +84,7 @@ class FixResTransform:
         view = plan_views(parse_view_spec("center"), w, h, size, 0)[0]
         if self.augment == "test2":
             x = int(rng.integers(0, w - size + 1))
-            view = View("da2", x, view.y, size, bool(rng.random() < 0.5))
+            view = View("da2", x, view.y, size, size, bool(rng.random() < 0.5), (w, h))
         return cut_views(image, [view])[0].contiguous()
 
 

@@ -1,10 +1,12 @@
-"""Decode once, resize once, normalise once; views are then slices of one tensor."""
+"""Decode once, resize once per resolution, normalise once; views are slices of those tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.model_config import ModelConfig
 from app.options import DecodeLimits
-from app.tta.views import View
+from app.tta.views import View, resized_shape
 
 # Formats a browser or camera produces; anything else (SVG, PDF, EPS, ...) is refused.
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
@@ -25,26 +27,90 @@ _RESAMPLE = {
 }
 
 
+@dataclass(frozen=True)
+class Normaliser:
+    """Resize with the model's interpolation, then normalise with its mean and std."""
+
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, device: torch.device) -> Normaliser:
+        return cls(cfg.interpolation, cfg.mean, cfg.std, device)
+
+    def __call__(self, img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """[H, W, 3] float32 of ``img`` resized to ``size`` (width, height), on the device."""
+        resized = img if img.size == size else img.resize(size, _RESAMPLE[self.interpolation])
+        mean = np.asarray(self.mean, dtype=np.float32) * 255.0
+        std = np.asarray(self.std, dtype=np.float32) * 255.0
+        if self.device.type == "cpu":
+            # numpy, not torch: torch ops here would start a second OpenMP team in this
+            # worker thread, whose spinning threads steal the cores from the forward pass
+            pixels = np.asarray(resized, dtype=np.float32)  # [H, W, 3], a fresh array
+            pixels -= mean
+            pixels /= std
+            return torch.from_numpy(pixels)
+        raw = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())  # upload bytes
+        on_device = raw.to(self.device, non_blocking=True).float()
+        return (on_device - torch.from_numpy(mean).to(self.device)) / torch.from_numpy(std).to(
+            self.device
+        )
+
+
 @dataclass
 class PreparedImage:
-    """The one normalised tensor every view of this image is cut from.
+    """The normalised tensors views are cut from: one per resolution the views ask for,
+    each made once, on first use.
 
     Kept height x width x channels: a stack of views cut from it is already in the
     channels_last layout the network runs fastest in, so no view is copied twice.
     """
 
-    hwc: torch.Tensor  # [H, W, 3] float32, normalised, on the model's device
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     format: str
+    resized_size: tuple[int, int]  # the model's own scale: shorter side = its resize size
+    source: Image.Image | None = None  # the decoded image, for other resolutions
+    normalise: Normaliser | None = None
+    scaled: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_tensor(
+        cls, hwc: torch.Tensor, original_size: tuple[int, int], image_format: str = ""
+    ) -> PreparedImage:
+        size = (int(hwc.shape[1]), int(hwc.shape[0]))
+        return cls(original_size, image_format, size, scaled={size: hwc})
+
+    def at(self, resized: tuple[int, int]) -> torch.Tensor:
+        """[H, W, 3] of the image resized to ``resized`` (width, height)."""
+        if resized not in self.scaled:
+            if self.source is None or self.normalise is None:
+                raise ValueError(f"no source image to resize to {resized}")
+            self.scaled[resized] = self.normalise(self.source, resized)
+        return self.scaled[resized]
 
     @property
-    def resized_size(self) -> tuple[int, int]:
-        return int(self.hwc.shape[1]), int(self.hwc.shape[0])
+    def decoded_size(self) -> tuple[int, int]:
+        """(width, height) of the pixels views are planned on: the decoded image's."""
+        return self.source.size if self.source is not None else self.resized_size
+
+    @property
+    def hwc(self) -> torch.Tensor:
+        return self.at(self.resized_size)
 
     @property
     def chw(self) -> torch.Tensor:
         """[3, H, W] view of the same memory."""
         return self.hwc.permute(2, 0, 1)
+
+    def to(self, device: torch.device) -> PreparedImage:
+        """The tensors made so far moved to ``device`` (evaluation decodes in CPU workers)."""
+        for size, t in self.scaled.items():
+            self.scaled[size] = t.to(device)
+        if self.normalise is not None:
+            self.normalise = dataclasses.replace(self.normalise, device=device)
+        return self
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -130,13 +196,6 @@ def decode_image(data: bytes, limits: DecodeLimits, draft_min_side: int = 0) -> 
             raise InvalidImageError(f"cannot decode image (truncated or corrupt?): {exc}") from exc
 
 
-def resized_shape(width: int, height: int, shorter: int) -> tuple[int, int]:
-    """Shorter side to ``shorter``, aspect kept; truncation as torchvision's Resize(int)."""
-    if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
-
-
 def prepare_image(
     img: Image.Image,
     cfg: ModelConfig,
@@ -144,39 +203,53 @@ def prepare_image(
     image_format: str = "",
     original_size: tuple[int, int] | None = None,
 ) -> PreparedImage:
-    """Resize once with the model's interpolation, then normalise once on ``device``.
-    ``original_size``: the image's size before a reduced-scale decode, for view boxes."""
+    """The image ready for views at any resolution; tensors are made on first use, with
+    the model's interpolation and normalisation, on ``device``. ``original_size``: the
+    image's size before a reduced-scale decode, for view boxes."""
     w, h = img.size
-    new_w, new_h = resized_shape(w, h, cfg.resize_size)
-    resized = img.resize((new_w, new_h), _RESAMPLE[cfg.interpolation])
-    mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
-    std = np.asarray(cfg.std, dtype=np.float32) * 255.0
-    if device.type == "cpu":
-        # numpy, not torch: torch ops here would start a second OpenMP team in this worker
-        # thread, whose spinning threads steal the cores from the forward pass
-        pixels = np.asarray(resized, dtype=np.float32)  # [H, W, 3], a fresh array
-        pixels -= mean
-        pixels /= std
-        hwc = torch.from_numpy(pixels)
-    else:  # upload bytes, normalise on the device
-        raw = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
-        on_device = raw.to(device, non_blocking=True).float()
-        hwc = (on_device - torch.from_numpy(mean).to(device)) / torch.from_numpy(std).to(device)
-    return PreparedImage(hwc=hwc, original_size=original_size or (w, h), format=image_format)
+    return PreparedImage(
+        original_size=original_size or (w, h),
+        format=image_format,
+        resized_size=resized_shape(w, h, cfg.resize_size),
+        source=img,
+        normalise=Normaliser.for_model(cfg, device),
+    )
+
+
+def _cut(image: PreparedImage, views: list[View]) -> torch.Tensor:
+    """[N, 3, H, W] channels_last: views of one shape, slices of their resized tensors
+    (one copy per view), flipped where asked."""
+    if image.at(views[0].resized).device.type == "cpu":  # numpy: no torch op off the forward
+        arrays = []
+        for v in views:
+            a = image.at(v.resized).numpy()[v.y : v.y + v.height, v.x : v.x + v.width]
+            arrays.append(a[:, ::-1] if v.flip else a)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    tensors = []
+    for v in views:
+        c = image.at(v.resized)[v.y : v.y + v.height, v.x : v.x + v.width]
+        tensors.append(c.flip(1) if v.flip else c)
+    return torch.stack(tensors).permute(0, 3, 1, 2)
 
 
 def cut_views(image: PreparedImage, views: list[View]) -> torch.Tensor:
-    """Stack the views on the batch dimension: slices of the one tensor, flipped where asked.
+    """Views of one shape stacked on the batch dimension: [N, 3, H, W], channels_last."""
+    if len({v.shape for v in views}) > 1:
+        raise ValueError("views of several shapes: use cut_view_groups")
+    return _cut(image, views)
 
-    Returns [N, 3, S, S] in channels_last memory (one copy per view, numpy on the CPU).
-    """
-    t = image.hwc
-    if t.device.type == "cpu":
-        a = t.numpy()
-        crops = [a[v.y : v.y + v.size, v.x : v.x + v.size] for v in views]
-        flipped = [c[:, ::-1] if v.flip else c for c, v in zip(crops, views, strict=True)]
-        batch = torch.from_numpy(np.stack(flipped))
-    else:
-        gpu = [t[v.y : v.y + v.size, v.x : v.x + v.size] for v in views]
-        batch = torch.stack([c.flip(1) if v.flip else c for c, v in zip(gpu, views, strict=True)])
-    return batch.permute(0, 3, 1, 2)
+
+@dataclass
+class ViewGroup:
+    """The views of one shape: their positions in the plan and their stacked tensor."""
+
+    indices: list[int]
+    batch: torch.Tensor  # [n, 3, H, W], channels_last
+
+
+def cut_view_groups(image: PreparedImage, views: list[View]) -> list[ViewGroup]:
+    """Views grouped by shape (a forward runs one shape), in order of first appearance."""
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, v in enumerate(views):
+        by_shape[v.shape].append(i)
+    return [ViewGroup(idx, _cut(image, [views[i] for i in idx])) for idx in by_shape.values()]

@@ -1,16 +1,24 @@
-"""View plans: which crops of the resized image to classify, as boxes plus flip flags.
+"""View plans: which regions of the image to classify, at which resolution, mirrored or not.
 
-Kinds (MID paper, AlexNet):
+A view is a region of the uploaded image, a flip, and an output size. Kinds:
   center   the single central crop (what timm's eval transform takes)
   fixed    the 5 AlexNet crops, in order: center, top-left, top-right, bottom-left, bottom-right
   mfixed   the same 5, mirrored
-  random   full-size crops at uniformly random positions inside the resized image
+  random   crops at uniformly random positions inside the resized image
   mrandom  independent random positions, mirrored
-A spec is an ordered mix such as ``fixed:5,mfixed:5,random:10,mrandom:10``.
+  full     the whole image, shorter side S, aspect kept (long side rounded to the network's
+           stride so shapes recur and batch together); the FixRes lesson: let the network
+           see the whole object, at a test resolution above the training one
+  mfull    the same, mirrored
+Crop kinds take their crops of side S from the image resized to floor(S / crop_pct) (the
+model's own preprocessing, scaled); S defaults to the model's input size, and for the full
+kinds to its resize size. ``kind@S`` asks for another S (multi-scale TTA).
+A spec is an ordered mix such as ``fixed:5,mfixed:5,random:10`` or ``center,full@288,mfull@288``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,15 +26,35 @@ import numpy as np
 
 from app.errors import InvalidRequestError
 
-KINDS = ("center", "fixed", "mfixed", "random", "mrandom")
-MAX_PER_KIND = {"center": 1, "fixed": 5, "mfixed": 5}
+KINDS = ("center", "fixed", "mfixed", "random", "mrandom", "full", "mfull")
+CROP_KINDS = ("center", "fixed", "mfixed", "random", "mrandom")
+MAX_PER_KIND = {"center": 1, "fixed": 5, "mfixed": 5, "full": 1, "mfull": 1}
 MAX_SPEC_LENGTH = 200
+MIN_VIEW_SIZE, MAX_VIEW_SIZE = 16, 2048  # ``@S`` outside this range is refused at parse time
+
+
+def split_kind(token: str) -> tuple[str, int]:
+    """``"full@288"`` -> ``("full", 288)``; ``"fixed"`` -> ``("fixed", 0)`` (the default S)."""
+    kind, _, size = token.partition("@")
+    return kind, int(size) if size else 0
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """The model's view sizes: crop side, crop_pct (crop side / resized shorter side), the
+    default resize for full views, and the stride long sides are rounded to."""
+
+    input_size: int
+    crop_pct: float
+    resize_size: int
+    stride: int = 32
 
 
 @dataclass(frozen=True)
 class ViewSpec:
     """An ordered, validated mix of view kinds and counts, or the adaptive ``auto`` policy
-    (``adaptive=True``, no parts: resolved per image by app.tta.adaptive.resolve_spec)."""
+    (``adaptive=True``, no parts: resolved per image by app.tta.adaptive.resolve_spec).
+    A part's kind may carry a size: ``("full@288", 1)``."""
 
     parts: tuple[tuple[str, int], ...]
     adaptive: bool = False
@@ -37,7 +65,7 @@ class ViewSpec:
 
     @property
     def has_random(self) -> bool:
-        return any(kind in ("random", "mrandom") for kind, _ in self.parts)
+        return any(split_kind(kind)[0] in ("random", "mrandom") for kind, _ in self.parts)
 
     def __str__(self) -> str:
         if self.adaptive:
@@ -50,13 +78,26 @@ AUTO_SPEC = ViewSpec((), adaptive=True)
 
 @dataclass(frozen=True)
 class View:
-    """One crop of the resized image: top-left corner, square side, mirrored or not."""
+    """A box of a resized copy of the image, mirrored or not: the resized copy's size
+    (``resized``, width x height) sets the resolution, the box the region and output size."""
 
     kind: str
     x: int
     y: int
-    size: int
+    width: int
+    height: int
     flip: bool
+    resized: tuple[int, int]
+
+    @property
+    def size(self) -> int:
+        """The side of a square crop."""
+        return self.width
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the view tensor: views of one shape share a forward."""
+        return self.height, self.width
 
 
 def parse_view_spec(text: str) -> ViewSpec:
@@ -71,12 +112,23 @@ def parse_view_spec(text: str) -> ViewSpec:
     order: list[str] = []
     for raw in text.split(","):
         item = raw.strip()
-        kind, sep, count_text = item.partition(":")
-        kind = kind.strip().lower()
+        token, sep, count_text = item.partition(":")
+        kind, at, size_text = token.strip().lower().partition("@")
+        kind = kind.strip()
         if kind not in KINDS:
             raise InvalidRequestError(
                 f"unknown view kind {kind!r} in {text!r}; known kinds: {', '.join(KINDS)}"
             )
+        if at:
+            size_text = size_text.strip()
+            if not (size_text.isascii() and size_text.isdigit()) or len(size_text) > 6:
+                raise InvalidRequestError(f"view size in {item!r} must be a positive integer")
+            size = int(size_text)
+            if not MIN_VIEW_SIZE <= size <= MAX_VIEW_SIZE:
+                raise InvalidRequestError(
+                    f"view size in {item!r} must be between {MIN_VIEW_SIZE} and {MAX_VIEW_SIZE}"
+                )
+            kind = f"{kind}@{size}"
         count_text = count_text.strip()
         if sep and not (count_text.isascii() and count_text.isdigit()):
             raise InvalidRequestError(f"view count in {item!r} must be a positive integer")
@@ -86,9 +138,10 @@ def parse_view_spec(text: str) -> ViewSpec:
         if kind not in counts:
             order.append(kind)
         counts[kind] = counts.get(kind, 0) + count
-        if counts[kind] > MAX_PER_KIND.get(kind, 10**6):
+        most = MAX_PER_KIND.get(split_kind(kind)[0], 10**6)
+        if counts[kind] > most:
             raise InvalidRequestError(
-                f"at most {MAX_PER_KIND[kind]} {kind!r} view(s) exist, asked for {counts[kind]}"
+                f"at most {most} {kind!r} view(s) exist, asked for {counts[kind]}"
             )
     return ViewSpec(tuple((k, counts[k]) for k in order))
 
@@ -126,41 +179,96 @@ def _fixed_corners(width: int, height: int, size: int) -> list[tuple[int, int]]:
 
 
 def plan_views(spec: ViewSpec, width: int, height: int, size: int, seed: int) -> list[View]:
-    """Boxes for every view of a ``width`` x ``height`` resized image; ``seed`` fixes randoms."""
-    if width < size or height < size:
-        raise InvalidRequestError(f"resized image {width}x{height} is smaller than crop {size}")
+    """Square crops of side ``size`` of one ``width`` x ``height`` resized image (the
+    model's own scale); ``seed`` fixes random positions."""
     if spec.adaptive:
         raise InvalidRequestError("the auto policy must be resolved for the image first")
-    rng = np.random.default_rng(seed)
+    return _plan_crops(spec.parts, width, height, size, np.random.default_rng(seed))
+
+
+def _plan_crops(
+    parts: Iterable[tuple[str, int]], width: int, height: int, size: int, rng: np.random.Generator
+) -> list[View]:
+    if width < size or height < size:
+        raise InvalidRequestError(f"resized image {width}x{height} is smaller than crop {size}")
+    resized = (width, height)
     corners = _fixed_corners(width, height, size)
     views: list[View] = []
-    for kind, count in spec.parts:
+    for token, count in parts:
+        kind = split_kind(token)[0]
         if kind == "center":
-            views.append(View(kind, *corners[0], size, False))
+            views.append(View(token, *corners[0], size, size, False, resized))
         elif kind in ("fixed", "mfixed"):
-            views.extend(View(kind, x, y, size, kind == "mfixed") for x, y in corners[:count])
+            views.extend(
+                View(token, x, y, size, size, kind == "mfixed", resized) for x, y in corners[:count]
+            )
         else:
             xs = rng.integers(0, width - size, size=count, endpoint=True)
             ys = rng.integers(0, height - size, size=count, endpoint=True)
             views.extend(
-                View(kind, int(x), int(y), size, kind == "mrandom")
+                View(token, int(x), int(y), size, size, kind == "mrandom", resized)
                 for x, y in zip(xs, ys, strict=True)
             )
+    return views
+
+
+def resized_shape(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """Shorter side to ``shorter``, aspect kept; truncation as torchvision's Resize(int)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def full_shape(width: int, height: int, shorter: int, stride: int) -> tuple[int, int]:
+    """The whole image at shorter side ``shorter``, its long side rounded to a multiple of
+    ``stride`` (at most stride / 2 pixels of stretch), so images of similar aspect share a
+    shape and batch together."""
+    w, h = resized_shape(width, height, shorter)
+    if w > h:
+        w = max(stride, round(w / stride) * stride)
+    elif h > w:
+        h = max(stride, round(h / stride) * stride)
+    return w, h
+
+
+def plan_image_views(
+    spec: ViewSpec, width: int, height: int, geometry: ViewGeometry, seed: int
+) -> list[View]:
+    """Every view of a decoded ``width`` x ``height`` image, in spec order: crops at the
+    model's scale or at ``@S``, and whole-image views. One random generator, in spec order,
+    so a spec of crops at the model's scale plans exactly what ``plan_views`` plans."""
+    if spec.adaptive:
+        raise InvalidRequestError("the auto policy must be resolved for the image first")
+    rng = np.random.default_rng(seed)
+    views: list[View] = []
+    for token, count in spec.parts:
+        kind, size = split_kind(token)
+        if kind in ("full", "mfull"):
+            w, h = full_shape(width, height, size or geometry.resize_size, geometry.stride)
+            views.append(View(token, 0, 0, w, h, kind == "mfull", (w, h)))
+            continue
+        crop = size or geometry.input_size
+        shorter = max(crop, math.floor(crop / geometry.crop_pct)) if size else geometry.resize_size
+        w, h = resized_shape(width, height, shorter)
+        views.extend(_plan_crops([(token, count)], w, h, crop, rng))
     return views
 
 
 def boxes_in_original(
     views: Iterable[View], resized: tuple[int, int], original: tuple[int, int]
 ) -> list[list[float]]:
-    """[x0, y0, x1, y1] of each view in the uploaded image's pixel coordinates."""
-    sx = original[0] / resized[0]
-    sy = original[1] / resized[1]
-    return [
-        [
-            round(v.x * sx, 1),
-            round(v.y * sy, 1),
-            round((v.x + v.size) * sx, 1),
-            round((v.y + v.size) * sy, 1),
-        ]
-        for v in views
-    ]
+    """[x0, y0, x1, y1] of each view in the uploaded image's pixel coordinates (``resized``:
+    the size views without their own resized copy were planned on)."""
+    boxes = []
+    for v in views:
+        sx = original[0] / (v.resized or resized)[0]
+        sy = original[1] / (v.resized or resized)[1]
+        boxes.append(
+            [
+                round(v.x * sx, 1),
+                round(v.y * sy, 1),
+                round((v.x + v.width) * sx, 1),
+                round((v.y + v.height) * sy, 1),
+            ]
+        )
+    return boxes

@@ -77,9 +77,7 @@ def test_random_positions_cover_the_whole_range() -> None:
 
 def test_views_are_slices_and_mirrors_of_the_one_tensor() -> None:
     tensor = torch.arange(3 * 10 * 14, dtype=torch.float32).view(3, 10, 14)
-    image = PreparedImage(
-        hwc=tensor.permute(1, 2, 0).contiguous(), original_size=(28, 20), format="PNG"
-    )
+    image = PreparedImage.from_tensor(tensor.permute(1, 2, 0).contiguous(), (28, 20), "PNG")
     views = plan_views(parse_view_spec("fixed:2,mfixed:2,random:3"), 14, 10, 8, seed=3)
     batch = cut_views(image, views)
     assert batch.shape == (7, 3, 8, 8)
