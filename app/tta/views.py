@@ -225,9 +225,9 @@ def full_shape(width: int, height: int, shorter: int, stride: int) -> tuple[int,
     shape and batch together."""
     w, h = resized_shape(width, height, shorter)
     if w > h:
-        w = max(stride, round(w / stride) * stride)
+        w = max(stride, math.floor(w / stride + 0.5) * stride)  # half up
     elif h > w:
-        h = max(stride, round(h / stride) * stride)
+        h = max(stride, math.floor(h / stride + 0.5) * stride)
     return w, h
 
 
