@@ -85,6 +85,11 @@ class Metrics:
             "midserve_views_per_request", "Views classified per image", ["model"],
             buckets=VIEW_BUCKETS, registry=r,
         )  # fmt: skip
+        self.compute_per_request = Histogram(
+            "midserve_view_equivalents_per_request",
+            "Compute per image: pixels of its views over one view at the model's input size",
+            ["model"], buckets=VIEW_BUCKETS, registry=r,
+        )  # fmt: skip
         self.batch_views = Histogram(
             "midserve_batch_views", "Views per forward pass (batch fill)", ["model"],
             buckets=VIEW_BUCKETS, registry=r,
@@ -94,7 +99,7 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r,
         )  # fmt: skip
         self.queue_views = Gauge(
-            "midserve_queue_views", "Views waiting for a forward pass", ["model"], registry=r
+            "midserve_queue_views", "View-equivalents waiting for a forward pass", ["model"], registry=r
         )
         self.in_flight = Gauge(
             "midserve_in_flight_requests", "Classify requests being processed", registry=r

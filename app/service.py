@@ -187,4 +187,6 @@ class ClassifyService:
         for stage, seconds in pred.timings.items():
             self.metrics.stage_duration.labels(slot.name, stage).observe(seconds)
         self.metrics.views_per_request.labels(slot.name).observe(len(prepared.views))
+        compute = pipeline.preparer.view_equivalents(prepared.views)
+        self.metrics.compute_per_request.labels(slot.name).observe(compute)
         return pred

@@ -142,6 +142,8 @@ def test_metrics_histograms_and_accuracy_counters(server: str) -> None:
     assert moved("midserve_top5_hits_total", **sel) == 2
     assert moved("midserve_views_per_request_count", model="tiny") == 6
     assert moved("midserve_views_per_request_sum", model="tiny") == 30
+    # compute in view-equivalents: 5 crops at the model's input size are 5 per image
+    assert moved("midserve_view_equivalents_per_request_sum", model="tiny") == 30
     ok = {"model": "tiny", "level": "softmax", "status": "200"}
     assert moved("midserve_request_duration_seconds_count", **ok) == 2
     for stage in ("decode", "preprocess", "queue_wait", "forward", "postprocess"):
