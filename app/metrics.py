@@ -99,7 +99,10 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r,
         )  # fmt: skip
         self.queue_views = Gauge(
-            "midserve_queue_views", "View-equivalents waiting for a forward pass", ["model"], registry=r
+            "midserve_queue_views",
+            "View-equivalents waiting for a forward pass",
+            ["model"],
+            registry=r,
         )
         self.in_flight = Gauge(
             "midserve_in_flight_requests", "Classify requests being processed", registry=r

@@ -66,6 +66,9 @@ class ModelConfig:
     description: str = ""
     parent: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    # batch-norm statistics per test resolution: shorter side of a view -> file in the
+    # folder (app/bn_sets.py); views nearest a resolution run with its set
+    bn_sets: dict[int, str] = field(default_factory=dict)
     folder: Path | None = None
 
     @property
@@ -103,6 +106,8 @@ class ModelConfig:
         }
         if self.provenance:
             out["provenance"] = self.provenance
+        if self.bn_sets:
+            out["bn_sets"] = {str(size): path for size, path in sorted(self.bn_sets.items())}
         return out
 
 
@@ -146,6 +151,11 @@ def parse_model_config(name: str, data: dict[str, Any], folder: Path | None = No
     if interpolation not in INTERPOLATIONS:
         raise ModelConfigError(f"{name}: interpolation must be one of {INTERPOLATIONS}")
     policy = data.get("policy", {})
+    bn_sets: dict[int, str] = {}
+    for key, path in dict(data.get("bn_sets", {})).items():
+        if not (str(key).isdigit() and isinstance(path, str) and path):
+            raise ModelConfigError(f"{name}: bn_sets maps a resolution to a file, got {key!r}")
+        bn_sets[int(key)] = path
     level = policy.get("level", "softmax")
     if level not in LEVELS:
         raise ModelConfigError(f"{name}: policy.level must be one of {LEVELS}")
@@ -166,6 +176,7 @@ def parse_model_config(name: str, data: dict[str, Any], folder: Path | None = No
             description=str(model.get("description", "")),
             parent=str(model.get("parent", "")),
             provenance=dict(data.get("provenance", {})),
+            bn_sets=bn_sets,
             folder=folder,
         )
     except (TypeError, ValueError) as exc:

@@ -71,6 +71,9 @@ class ModelOut(BaseModel):
     device: str | None = None
     dtype: str | None = None
     fusion: str | None = None  # inference rewrites applied at load (app/fusion.py)
+    bn_sets: list[int] = Field(
+        default_factory=list, description="resolutions with their own batch-norm statistics"
+    )
     limits: dict[str, float]
 
 

@@ -225,6 +225,7 @@ def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
         device=str(engine.device) if engine else None,
         dtype=engine.dtype_name if engine else None,
         fusion=engine.fusion.describe() if engine and engine.fusion else None,
+        bn_sets=engine.bn_sets if engine else sorted(cfg.bn_sets),
         limits={
             "max_views_per_request": s.max_views_per_request,
             "max_images_per_request": s.max_images_per_request,
