@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 import tomli_w
 
-from app.errors import ModelConfigError
+from app.errors import InvalidRequestError, ModelConfigError
 from app.request import LEVELS
+from app.tta.views import parse_view_spec
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 WeightsKind = Literal["package", "file", "hub", "none"]
@@ -63,6 +64,9 @@ class ModelConfig:
     labels: str = "imagenet-1k"  # or a file name in the model folder, one "synset name" a line
     default_views: str = "fixed:5,mfixed:5"
     default_level: str = "softmax"
+    # what ``views=auto`` serves: a policy chosen by measurement (``evaluate --policies
+    # --write-policy``); empty: the built-in aspect-ratio rule (app/tta/adaptive.py)
+    auto_views: str = ""
     description: str = ""
     parent: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -102,7 +106,11 @@ class ModelConfig:
                 "mean": list(self.mean),
                 "std": list(self.std),
             },
-            "policy": {"views": self.default_views, "level": self.default_level},
+            "policy": {
+                "views": self.default_views,
+                "level": self.default_level,
+                **({"auto": self.auto_views} if self.auto_views else {}),
+            },
         }
         if self.provenance:
             out["provenance"] = self.provenance
@@ -159,6 +167,15 @@ def parse_model_config(name: str, data: dict[str, Any], folder: Path | None = No
     level = policy.get("level", "softmax")
     if level not in LEVELS:
         raise ModelConfigError(f"{name}: policy.level must be one of {LEVELS}")
+    auto_views = str(policy.get("auto", ""))
+    for key in ("views", "auto"):  # a bad policy fails at load, not on every request
+        text = str(policy.get(key, ""))
+        try:
+            adaptive = bool(text) and parse_view_spec(text).adaptive
+        except InvalidRequestError as exc:
+            raise ModelConfigError(f"{name}: policy.{key} = {text!r}: {exc}") from exc
+        if key == "auto" and adaptive:
+            raise ModelConfigError(f"{name}: policy.auto must be a view spec, not 'auto'")
     try:
         cfg = ModelConfig(
             name=name,
@@ -173,6 +190,7 @@ def parse_model_config(name: str, data: dict[str, Any], folder: Path | None = No
             labels=str(model.get("labels", "imagenet-1k")),
             default_views=str(policy.get("views", "fixed:5,mfixed:5")),
             default_level=level,
+            auto_views=auto_views,
             description=str(model.get("description", "")),
             parent=str(model.get("parent", "")),
             provenance=dict(data.get("provenance", {})),

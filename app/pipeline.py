@@ -26,7 +26,14 @@ from app.tta.preprocess import (
     decode_image,
     prepare_image,
 )
-from app.tta.views import View, ViewGeometry, ViewSpec, boxes_in_original, plan_image_views
+from app.tta.views import (
+    View,
+    ViewGeometry,
+    ViewSpec,
+    boxes_in_original,
+    parse_view_spec,
+    plan_image_views,
+)
 
 # a reduced-scale JPEG decode keeps the shorter side at least this many times the resize size
 JPEG_DRAFT_MARGIN = 2
@@ -94,6 +101,7 @@ class ImagePreparer:
     ) -> None:
         self.cfg, self.device, self.limits = cfg, device, limits
         self.geometry = ViewGeometry(cfg.input_size, cfg.crop_pct, cfg.resize_size, stride)
+        self.measured_auto = parse_view_spec(cfg.auto_views) if cfg.auto_views else None
         # opt-in: large JPEGs decoded at 1/2-1/8 scale, still at least twice the resize size
         self.draft_min_side = JPEG_DRAFT_MARGIN * cfg.resize_size if jpeg_draft else 0
 
@@ -113,7 +121,7 @@ class ImagePreparer:
         and the spec used (``auto`` resolved for this image's size)."""
         seed = secrets.randbits(31) if seed is None else seed
         w, h = image.resized_size
-        used = resolve_spec(spec, w, h, self.cfg.input_size)
+        used = resolve_spec(spec, w, h, self.cfg.input_size, self.measured_auto)
         views = plan_image_views(used, *image.decoded_size, self.geometry, seed)
         return views, seed, used
 

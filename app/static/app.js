@@ -12,7 +12,13 @@
     mfixed: { name: "mirrored fixed", color: "#ff7f0e", width: 3, dash: [10, 6] },
     random: { name: "random", color: "#00c8ff", width: 2, dash: [] },
     mrandom: { name: "mirrored random", color: "#7cfc00", width: 2, dash: [8, 6] },
+    full: { name: "whole image", color: "#c77dff", width: 5, dash: [] },
+    mfull: { name: "mirrored whole image", color: "#9d4edd", width: 5, dash: [14, 8] },
   };
+  // "full@288" -> "full": a kind may carry the resolution it is classified at
+  const baseKind = (kind) => kind.split("@")[0];
+  const sizeOf = (kind) => (kind.includes("@") ? ` at ${kind.split("@")[1]} px` : "");
+  const styleOf = (kind) => KINDS[baseKind(kind)] || KINDS.random;
   const STAGES = ["decode", "preprocess", "queue_wait", "forward", "postprocess"];
   const TOKEN_KEY = "midserve.token";
   const MAX_W = 600;
@@ -273,7 +279,7 @@
 
   // The stroke lies inside the box on whole pixels, so box edges at the photo's border show.
   function strokeBox(ctx, v, sx, sy, extra = 0) {
-    const style = KINDS[v.kind] || KINDS.random;
+    const style = styleOf(v.kind);
     const lw = style.width + extra;
     const x0 = Math.round(v.box[0] * sx);
     const y0 = Math.round(v.box[1] * sy);
@@ -288,7 +294,7 @@
 
   function renderLegend(boxes) {
     const counts = {};
-    for (const b of boxes) counts[b.kind] = (counts[b.kind] || 0) + 1;
+    for (const b of boxes) counts[baseKind(b.kind)] = (counts[baseKind(b.kind)] || 0) + 1;
     const legend = $("legend");
     legend.replaceChildren();
     for (const [kind, style] of Object.entries(KINDS)) {
@@ -362,7 +368,7 @@
     const body = $("view-list").tBodies[0];
     body.replaceChildren();
     for (const v of state.views) {
-      const style = KINDS[v.kind] || KINDS.random;
+      const style = styleOf(v.kind);
       const row = el(
         "tr",
         { data: { view: String(v.index), kind: v.kind } },
@@ -414,11 +420,11 @@
     }
     if (rows[index]) rows[index].classList.add("hot");
     const v = state.views[index];
-    const style = KINDS[v.kind] || KINDS.random;
+    const style = styleOf(v.kind);
     tip.replaceChildren(
       el("div", { class: "tip-head" },
         el("span", { class: "dot", style: { backgroundColor: style.color } }),
-        ` view ${index + 1} of ${state.views.length}: ${style.name}`),
+        ` view ${index + 1} of ${state.views.length}: ${style.name}${sizeOf(v.kind)}`),
       el("div", {}, "top-1: ", el("strong", { textContent: v.top1.label }),
         ` ${pct(v.top1.prob)}`),
     );

@@ -72,8 +72,17 @@ def auto_policy(resized_width: int, resized_height: int, crop_size: int) -> View
     return ViewSpec(tuple(parts))
 
 
-def resolve_spec(spec: ViewSpec, resized_width: int, resized_height: int, crop: int) -> ViewSpec:
-    """The spec itself, or for ``auto`` the mix this image's resized size earns."""
-    if spec.adaptive:
-        return auto_policy(resized_width, resized_height, crop)
-    return spec
+def resolve_spec(
+    spec: ViewSpec,
+    resized_width: int,
+    resized_height: int,
+    crop: int,
+    measured: ViewSpec | None = None,
+) -> ViewSpec:
+    """The spec itself, or for ``auto`` the model's measured policy when it has one, else
+    the mix this image's resized size earns."""
+    if not spec.adaptive:
+        return spec
+    if measured is not None:
+        return measured
+    return auto_policy(resized_width, resized_height, crop)

@@ -156,3 +156,20 @@ def test_batch_size_is_bounded_in_pixels(tiny_engine: Engine) -> None:
 
     asyncio.run(go())
     assert [n for n, _ in run.batches] == [2, 2, 2]
+
+
+def test_auto_serves_the_policy_measured_for_the_model(tmp_path) -> None:
+    from app.errors import ModelConfigError
+    from app.model_config import load_model_config, write_model_config
+    from app.repository import ModelRepository
+    from tests.helpers import FLOAT32, make_tiny_model
+
+    cfg = make_tiny_model(tmp_path, "tiny")
+    write_model_config(cfg.with_changes(auto_views="center,full@96,mfull@96"), tmp_path / "tiny")
+    engine = Engine(ModelRepository(tmp_path).load("tiny", "cpu"), FLOAT32)
+    pred = classify(engine, image_bytes(150, 100), parse_view_spec("auto"), seed=0)
+    assert pred.policy == "auto" and pred.spec == "center:1,full@96:1,mfull@96:1"
+    text = (tmp_path / "tiny" / "model.toml").read_text()
+    (tmp_path / "tiny" / "model.toml").write_text(text.replace("full@96", "full@0"))
+    with pytest.raises(ModelConfigError, match="policy.auto"):
+        load_model_config(tmp_path / "tiny")
