@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from app.errors import ModelLoadError, WeightsMismatchError
+from app.errors import ModelLoadError
 from app.model_config import ModelConfig, write_model_config
+from app.repository import check_one_to_one
 
 BN_DIR = "bn"
 
@@ -43,16 +44,7 @@ def with_bn_set(network: nn.Module, path: Path) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"batch-norm set {path} does not exist")
     tensors = load_file(str(path))
-    target = bn_state(network)
-    missing = [k for k in target if k not in tensors]
-    unexpected = [k for k in tensors if k not in target]
-    shape = [
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(target[k].shape)}"
-        for k in target
-        if k in tensors and tensors[k].shape != target[k].shape
-    ]
-    if missing or unexpected or shape:
-        raise WeightsMismatchError(missing, unexpected, shape)
+    check_one_to_one(tensors, bn_state(network))
     out = copy.deepcopy(network)
     out.load_state_dict(tensors, strict=False)  # keys checked above: exactly the norms'
     return out

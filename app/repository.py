@@ -125,16 +125,23 @@ def map_state_dict(
         mapped = {(k[len(p) :] if p and k.startswith(p) else k): v for k, v in checkpoint.items()}
     else:
         mapped = dict(checkpoint)
-    missing = [k for k in target if k not in mapped]
-    unexpected = [k for k in mapped if k not in target]
+    check_one_to_one(mapped, target)
+    return mapped
+
+
+def check_one_to_one(
+    tensors: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+) -> None:
+    """Every target tensor present with its shape, nothing else; names every mismatch."""
+    missing = [k for k in target if k not in tensors]
+    unexpected = [k for k in tensors if k not in target]
     shape = [
-        f"{k} {tuple(mapped[k].shape)} vs {tuple(target[k].shape)}"
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(target[k].shape)}"
         for k in target
-        if k in mapped and mapped[k].shape != target[k].shape
+        if k in tensors and tensors[k].shape != target[k].shape
     ]
     if missing or unexpected or shape:
         raise WeightsMismatchError(missing, unexpected, shape)
-    return mapped
 
 
 def build_network(cfg: ModelConfig) -> nn.Module:
