@@ -119,6 +119,7 @@ return counts;
 
 CASES = [
     pytest.param("tiny", {"views": "fixed:5,mfixed:5,random:4,mrandom:4"}, "logit", id="tiny"),
+    pytest.param("tiny", {"views": "center,full@96,mfull@96"}, "softmax", id="tiny-whole-image"),
     pytest.param(
         DEFAULT_MODEL, {"crops": "20"}, "softmax", id="default-model", marks=pytest.mark.slow
     ),
