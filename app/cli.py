@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app import bench
+from app.bench import cli as bench_cli
 from app.cli_args import add_engine_args, add_model_arg, settings_from_args
 from app.errors import MidserveError
 from app.jobs.evaluate import cli as evaluate_cli
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cli.register(sub)
     finetune_cli.register(sub)
     import_fixres_cli.register(sub)
-    bench.register(sub)
+    bench_cli.register(sub)
     return parser
 
 
