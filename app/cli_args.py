@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.jobs.datasets import CLASS_ORDERS
 from app.options import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -44,3 +45,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "dtype": getattr(args, "dtype", None),
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def add_job_parser(sub: argparse._SubParsersAction, name: str, summary: str, doc: str | None
+                   ) -> argparse.ArgumentParser:  # fmt: skip
+    """A job's subcommand, its module docstring as the long description."""
+    return sub.add_parser(
+        name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_class_order_arg(p: argparse.ArgumentParser) -> None:
+    """How class folders map to the model's classes, for every job that reads them."""
+    p.add_argument("--class-order", default="ids", choices=CLASS_ORDERS,
+                   help="class folders: ids = named by label id/synset/index; "
+                   "sorted = the i-th folder is class i")  # fmt: skip

@@ -7,9 +7,14 @@ import sys
 from pathlib import Path
 
 import app.jobs.evaluate as job
-from app.cli_args import add_engine_args, add_model_arg, settings_from_args
+from app.cli_args import (
+    add_class_order_arg,
+    add_engine_args,
+    add_job_parser,
+    add_model_arg,
+    settings_from_args,
+)
 from app.errors import InvalidRequestError
-from app.jobs.datasets import CLASS_ORDERS
 from app.jobs.evaluate.configs import PRESETS, EvalOptions, parse_configs, parse_sweep
 from app.request import LEVELS
 
@@ -50,21 +55,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="accuracy of view configs on a labelled folder (MID tables, Fig. 3)",
-        description=job.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary = "accuracy of view configs on a labelled folder (MID tables, Fig. 3)"
+    p = add_job_parser(sub, "evaluate", summary, job.__doc__)
     add_model_arg(p)
     p.add_argument("--data", type=Path, required=True, help="labelled image folder")
     p.add_argument("--labels-file", type=Path, default=None, help="val.txt or LOC_val_solution.csv")
-    p.add_argument(
-        "--class-order",
-        default="ids",
-        choices=CLASS_ORDERS,
-        help="class folders: ids = named by label id/synset/index; sorted = i-th folder is class i",
-    )
+    add_class_order_arg(p)
     p.add_argument("--dataset-name", default=None, help="name in eval.json (default: folder)")
     p.add_argument(
         "--configs",

@@ -8,9 +8,13 @@ import os
 from pathlib import Path
 
 import app.jobs.finetune as job
-from app.cli_args import add_engine_args, settings_from_args
+from app.cli_args import (
+    add_class_order_arg,
+    add_engine_args,
+    add_job_parser,
+    settings_from_args,
+)
 from app.errors import InvalidRequestError
-from app.jobs.datasets import CLASS_ORDERS
 from app.jobs.finetune.options import AUGMENTS, DEFAULT_TRAIN, FinetuneOptions, FinetuneResult
 
 
@@ -79,12 +83,8 @@ def summary(result: FinetuneResult) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "finetune",
-        help="FixRes: fine-tune at a test resolution, write a new model-repository entry",
-        description=job.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary = "FixRes: fine-tune at a test resolution, write a new model-repository entry"
+    p = add_job_parser(subparsers, "finetune", summary, job.__doc__)
     model_help = "model name in the repository, or a model.toml / model folder path"
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
@@ -112,12 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--bn-only", action="store_true", help="label-free BN recalibration only")
-    p.add_argument(
-        "--class-order",
-        default="ids",
-        choices=CLASS_ORDERS,
-        help="ids: folder names are label ids/synsets; sorted: i-th folder is class i",
-    )
+    add_class_order_arg(p)
     p.add_argument("--out", default=None, help="new model name (default <model>_fixres<size>)")
     add_engine_args(p, dtype=False)  # training picks its precision: bf16 autocast on GPUs
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from app.jobs.datasets import LabelledImage
 from app.jobs.distributed import DistContext
 from app.jobs.finetune.checkpoints import checkpoint_path, resume, save_checkpoint
 from app.jobs.finetune.data import FixResTransform, ImageDataset, collate
-from app.jobs.finetune.options import FinetuneOptions, FinetuneResult, default_lr
+from app.jobs.finetune.options import Augment, FinetuneOptions, FinetuneResult, default_lr
 from app.jobs.finetune.trainable import global_batch_stats, select_trainable, set_fixres_modes
 from app.model_config import ModelConfig
 
@@ -46,26 +47,32 @@ def make_loader(
     )
 
 
-def shard(dataset: ImageDataset, ctx: DistContext) -> Subset:
-    """This process's share for evaluation: every world-th sample, no padding duplicates."""
-    return Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world)))
+@dataclass(frozen=True)
+class ShardedPass:
+    """A pass without gradients over samples at ``cfg``'s size: this process reads every
+    world-th sample (no padding duplicates), ``batch`` at a time."""
+
+    cfg: ModelConfig
+    ctx: DistContext
+    batch: int
+    workers: int = 0
+
+    def batches(self, samples: list[LabelledImage], augment: Augment) -> DataLoader:
+        dataset = ImageDataset(samples, FixResTransform(self.cfg, augment))
+        share = Subset(dataset, list(range(self.ctx.rank, len(dataset), self.ctx.world)))
+        return make_loader(share, self.batch, self.workers)
 
 
 @torch.no_grad()
 def evaluate_top1(
-    network: nn.Module,
-    samples: list[LabelledImage],
-    cfg: ModelConfig,
-    ctx: DistContext,
-    batch: int,
-    workers: int = 0,
+    network: nn.Module, samples: list[LabelledImage], run: ShardedPass
 ) -> tuple[float, int, int]:
     """Center-crop top-1 (the server's single-view path) -> (top-1, images, skipped)."""
-    dataset = ImageDataset(samples, FixResTransform(cfg, "center"))
+    ctx = run.ctx
     was_training = network.training
     network.eval()
     correct = seen = skipped = 0
-    for b in make_loader(shard(dataset, ctx), batch, workers):
+    for b in run.batches(samples, "center"):
         skipped += b.skipped
         if not len(b.labels):
             continue
@@ -79,14 +86,9 @@ def evaluate_top1(
 
 @torch.no_grad()
 def recalibrate_batch_norm(
-    network: nn.Module,
-    samples: list[LabelledImage],
-    cfg: ModelConfig,
-    ctx: DistContext,
-    batch: int,
-    workers: int = 0,
+    network: nn.Module, samples: list[LabelledImage], run: ShardedPass
 ) -> tuple[int, int]:
-    """Re-estimate every batch-norm's running statistics at ``cfg.input_size``; no labels.
+    """Re-estimate every batch-norm's running statistics at ``run.cfg.input_size``; no labels.
 
     Running statistics restart from zero and become the plain average over batches
     (momentum None), with every batch-norm in train mode and everything else in eval mode.
@@ -99,9 +101,9 @@ def recalibrate_batch_norm(
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    dataset = ImageDataset(samples, FixResTransform(cfg, "test"))
+    ctx = run.ctx
     used = skipped = 0
-    for b in make_loader(shard(dataset, ctx), batch, workers):
+    for b in run.batches(samples, "test"):
         skipped += b.skipped
         if len(b.labels):
             network(b.images.to(ctx.device))

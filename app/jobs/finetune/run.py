@@ -12,7 +12,7 @@ from app.config import Settings
 from app.errors import InvalidRequestError
 from app.jobs.datasets import read_labelled_folder, scan_unlabelled
 from app.jobs.distributed import DistContext, distributed_context
-from app.jobs.finetune.loop import evaluate_top1, recalibrate_batch_norm, train
+from app.jobs.finetune.loop import ShardedPass, evaluate_top1, recalibrate_batch_norm, train
 from app.jobs.finetune.options import AUGMENTS, FinetuneOptions, FinetuneResult
 from app.jobs.model_writer import WEIGHTS_FILE, check_output, write_model_entry
 from app.jobs.resolution import check_test_size
@@ -73,7 +73,7 @@ def finetune_in(opts: FinetuneOptions, ctx: DistContext) -> FinetuneResult:
     )
     torch.manual_seed(opts.seed)
     network.to(ctx.device)
-    local_batch = opts.batch_size // ctx.world
+    sharded = ShardedPass(target, ctx, opts.batch_size // ctx.world, opts.workers)
     result = FinetuneResult(folder=folder, cfg=target, images=len(train_samples))
     settings: dict[str, Any] = {
         "job": "bn-only" if opts.bn_only else "finetune",
@@ -89,12 +89,10 @@ def finetune_in(opts: FinetuneOptions, ctx: DistContext) -> FinetuneResult:
         "seed": opts.seed,
     }
     if val_samples:
-        top1, _, _ = evaluate_top1(network, val_samples, target, ctx, local_batch, opts.workers)
+        top1, _, _ = evaluate_top1(network, val_samples, sharded)
         result.val_top1_before = top1
     if opts.bn_only:
-        used, skipped = recalibrate_batch_norm(
-            network, train_samples, target, ctx, local_batch, opts.workers
-        )
+        used, skipped = recalibrate_batch_norm(network, train_samples, sharded)
         result.skipped = skipped
         settings.update(
             {"images_used": used, "skipped_images": skipped, "batch_size": opts.batch_size}
@@ -102,7 +100,7 @@ def finetune_in(opts: FinetuneOptions, ctx: DistContext) -> FinetuneResult:
     else:
         train(network, opts, ctx, target, train_samples, folder, settings, result)
     if val_samples:
-        top1, n_val, _ = evaluate_top1(network, val_samples, target, ctx, local_batch, opts.workers)
+        top1, n_val, _ = evaluate_top1(network, val_samples, sharded)
         result.val_top1 = top1
         settings.update(
             {

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import app.jobs.import_fixres as job
-from app.cli_args import settings_from_args
+from app.cli_args import add_job_parser, settings_from_args
 from app.errors import InvalidRequestError
 
 
@@ -31,12 +31,8 @@ def cmd_import_fixres(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "import-fixres",
-        help="turn a published FixRes checkpoint into a model-repository entry",
-        description=job.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary = "turn a published FixRes checkpoint into a model-repository entry"
+    p = add_job_parser(subparsers, "import-fixres", summary, job.__doc__)
     p.add_argument("checkpoint", type=Path, help="FixRes .pth ({'model': {'module.*': ...}})")
     p.add_argument("--arch", required=True, help="timm architecture, e.g. resnet50")
     p.add_argument("--test-size", type=int, required=True, help="e.g. 384 for FixRes ResNet-50")
