@@ -49,8 +49,10 @@ class DecodedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
             image, _ = self.preparer.image(self.paths[i].read_bytes())
+            image.at(image.resized_size)  # resized in the worker: no view needs another scale
         except (OSError, MidserveError) as exc:
             return {"i": i, "error": f"{type(exc).__name__}: {exc}"}
+        image.source = None  # so the decoded pixels are not sent back to the main process
         return {"i": i, "image": image}
 
 
@@ -85,8 +87,7 @@ class PoolScorer:
         """Records for a few images at once: one run_views over all their pools."""
         stacks = []
         for p in batch:
-            p.image.hwc = p.image.hwc.to(self.engine.device)
-            stacks.append(cut_views(p.image, p.views))
+            stacks.append(cut_views(p.image.to(self.engine.device), p.views))
         out = self.engine.run_views(torch.cat(stacks))
         head = self.engine.model.head
         records, offset = [], 0
@@ -169,7 +170,8 @@ def score_images(
     a forward gathers about ``opts.batch_views`` views. Returns the views run."""
     engine = scorer.engine
     o = engine.options
-    preparer = ImagePreparer(engine.cfg, torch.device("cpu"), o.limits, o.jpeg_draft)
+    cpu = torch.device("cpu")  # workers decode on the CPU; the scorer moves the tensors
+    preparer = ImagePreparer(engine.cfg, cpu, o.limits, o.jpeg_draft, engine.model.stride)
     dataset = DecodedImages([item.path for _, item in work], preparer)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=opts.workers, collate_fn=lambda x: x
