@@ -8,6 +8,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from app.engine import Engine
 from app.options import EngineOptions
@@ -58,10 +61,6 @@ def naive_throughput(model: LoadedModel, images: list[bytes], views: int,
                      duration_s: float) -> float:  # fmt: skip
     """What a user writes with torchvision / ttach habits: per view a PIL crop, ToTensor,
     Normalize and one forward; NCHW; views are the 5 fixed crops and their mirrors."""
-    from PIL import Image
-    from torchvision import transforms as T
-    from torchvision.transforms import functional as F
-
     cfg = model.cfg
     net = model.network.to(memory_format=torch.contiguous_format)
     resize = T.Resize(cfg.resize_size, interpolation=T.InterpolationMode(cfg.interpolation))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from app.engine import pick_device
 
@@ -39,18 +40,18 @@ class DistContext:
         if not self.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
+        dist.all_reduce(t)
         return [float(v) for v in t.tolist()]
 
     def sum_tensor_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over processes, in place."""
         if self.distributed:
-            torch.distributed.all_reduce(tensor)
+            dist.all_reduce(tensor)
         return tensor
 
     def barrier(self) -> None:
         if self.distributed:
-            torch.distributed.barrier()
+            dist.barrier()
 
 
 @contextlib.contextmanager
@@ -63,8 +64,6 @@ def distributed_context(device: str) -> Iterator[DistContext]:
     if world <= 1:
         yield DistContext(device=dev)
         return
-    import torch.distributed as dist
-
     rank = int(os.environ["RANK"])
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
 from app.errors import InvalidRequestError, MidserveError
@@ -28,8 +28,6 @@ TRAIN_JITTER = 0.4
 
 
 def _jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
-    from PIL import ImageEnhance
-
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         img = enhancer(img).enhance(float(rng.uniform(1.0 - strength, 1.0 + strength)))
     return img
