@@ -14,40 +14,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.bench import cli as bench_cli
+from app.cli_args import add_engine_args, add_model_arg, settings_from_args
 from app.errors import MidserveError
-from app.options import DTYPE_NAMES
+from app.jobs.evaluate import cli as evaluate_cli
+from app.jobs.finetune import cli as finetune_cli
+from app.jobs.import_fixres import cli as import_fixres_cli
 
 if TYPE_CHECKING:
-    from app.config import Settings
     from app.tta.views import ViewSpec
 
 Handler = Callable[[argparse.Namespace], int]
-DEFAULT_MODEL = "tf_efficientnet_lite0"
-
-
-def add_model_arg(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
-    """``--model`` means the same in every subcommand that takes one."""
-    p.add_argument("--model", default=default, required=default is None,
-                   help=f"model-repository name (default: {default})")  # fmt: skip
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Where the models are and how they run; unset flags keep the MIDSERVE_* settings."""
-    p.add_argument("--models-dir", type=Path, default=None, help="model repository folder")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """``Settings`` (environment) with the command line's explicit flags on top."""
-    from app.config import Settings
-
-    overrides = {
-        "models_dir": getattr(args, "models_dir", None),
-        "device": getattr(args, "device", None),
-        "dtype": getattr(args, "dtype", None),
-    }
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
@@ -176,23 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=cmd_serve)
 
-    for register in _extra_commands():
-        register(sub)
+    # the jobs' own command lines: argparse only, their work is imported when it runs
+    evaluate_cli.register(sub)
+    finetune_cli.register(sub)
+    import_fixres_cli.register(sub)
+    bench_cli.register(sub)
     return parser
-
-
-def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands that live with their jobs (evaluate, finetune, bench, ...)."""
-    registers = []
-    for module in ("app.jobs.evaluate", "app.jobs.finetune", "app.bench"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        registers.append(mod.register)
-    return registers
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,13 +11,27 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from app.config import Settings
+from typing import Any, Literal, Protocol
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[DtypeName, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+class EngineSettings(Protocol):
+    """The fields of ``app.config.Settings`` an engine is built from; named here rather
+    than imported, since Settings takes its dtype names from this module."""
+
+    device: str
+    dtype: DtypeName
+    chunk_views: int
+    compile: bool
+    fuse: bool
+    jpeg_draft: bool
+    threads: int
+    forward_workers: int
+    warmup: bool
+    max_pixels: int
+    max_aspect_ratio: float
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,7 @@ class EngineOptions:
     limits: DecodeLimits = DecodeLimits()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EngineOptions:
+    def from_settings(cls, settings: EngineSettings) -> EngineOptions:
         return cls(
             device=settings.device,
             dtype=settings.dtype,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from app.bench import _timed_loop
+from app.bench.timing import timed_loop
 from app.config import default_models_dir
 from app.fusion import fuse_for_inference
 from app.repository import ModelRepository
@@ -42,7 +42,7 @@ def forward_rate(net: nn.Module, x: torch.Tensor, dtype: torch.dtype, threads: i
         saved = torch.get_num_threads()
         torch.set_num_threads(threads or saved)
         try:
-            return _timed_loop(one, duration)
+            return timed_loop(one, duration)
         finally:
             torch.set_num_threads(saved)
 
@@ -89,7 +89,7 @@ def main() -> None:
                     compiled(x_cl)
                 return args.chunk
 
-            return _timed_loop(one, d)
+            return timed_loop(one, d)
 
         rows["bf16 served, torch.compile"] = compiled_rate
     results: dict[str, list[float]] = {k: [] for k in rows}

@@ -20,7 +20,7 @@ from app.tta.views import View, resized_shape
 
 # Formats a browser or camera produces; anything else (SVG, PDF, EPS, ...) is refused.
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
-_RESAMPLE = {
+RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -42,7 +42,7 @@ class Normaliser:
 
     def __call__(self, img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         """[H, W, 3] float32 of ``img`` resized to ``size`` (width, height), on the device."""
-        resized = img if img.size == size else img.resize(size, _RESAMPLE[self.interpolation])
+        resized = img if img.size == size else img.resize(size, RESAMPLE[self.interpolation])
         mean = np.asarray(self.mean, dtype=np.float32) * 255.0
         std = np.asarray(self.std, dtype=np.float32) * 255.0
         if self.device.type == "cpu":

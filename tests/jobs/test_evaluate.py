@@ -15,7 +15,8 @@ from PIL import Image
 from app.engine import Engine
 from app.errors import DataError, EvalResultsError, InvalidRequestError
 from app.eval_results import read_eval_results
-from app.jobs.evaluate import EvalOptions, parse_configs, parse_sweep, run_evaluation
+from app.jobs.evaluate.configs import EvalOptions, image_seed, parse_configs, parse_sweep
+from app.jobs.evaluate.run import run_evaluation
 from app.repository import ModelRepository
 from app.tta.adaptive import auto_policy
 from app.tta.preprocess import cut_views
@@ -57,6 +58,7 @@ def _opts(repo: Path, data: Path, out: Path, configs: list[str], **kw: object) -
         configs=parse_configs(configs),
         models_dir=repo,
         device="cpu",
+        dtype="float32",  # as the recomputations' engines (tests.helpers.FLOAT32)
         progress=False,
         **kw,  # type: ignore[arg-type]
     )
@@ -66,8 +68,6 @@ def _recompute(
     engine: Engine, data: Path, spec_text: str, levels: list[str], seed: int = 0
 ) -> dict[str, tuple[float, float, float]]:
     """Top-1, top-5 and views per image for one spec at several levels, image by image."""
-    from app.jobs.evaluate import image_seed
-
     hits: dict[str, list[tuple[bool, bool, int]]] = {lv: [] for lv in levels}
     for path in sorted(data.rglob("*.png")):
         target = int(path.parent.name)
@@ -291,6 +291,8 @@ def test_torchrun_ranks_share_the_images_and_agree_with_one_process(
         str(data),
         "--device",
         "cpu",
+        "--dtype",
+        "float32",  # as run_evaluation(_opts(...)) below
         "--configs",
         "fixed:5;auto",
         "--workers",

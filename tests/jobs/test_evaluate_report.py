@@ -11,7 +11,7 @@ import pytest
 
 from app.errors import EvalResultsError
 from app.eval_results import EvalResult, read_eval_results, write_eval_results
-from app.jobs.report import bootstrap_diff_ci, crop_statistics, mcnemar_exact, paired
+from app.jobs.evaluate.tables import bootstrap_diff_ci, crop_statistics, mcnemar_exact, paired
 
 
 def test_mcnemar_exact_matches_the_binomial_by_hand() -> None:

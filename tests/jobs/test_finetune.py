@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from app.engine import Engine
 from app.errors import DataError, InvalidRequestError
-from app.jobs.data import FixResTransform
-from app.jobs.finetune import FinetuneOptions, run_finetune
+from app.jobs.finetune.data import FixResTransform
+from app.jobs.finetune.options import FinetuneOptions
+from app.jobs.finetune.run import run_finetune
 from app.repository import ModelRepository
 from app.tta.views import parse_view_spec
 from tests.helpers import FLOAT32, classify, make_tiny_model

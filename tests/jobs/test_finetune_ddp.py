@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.jobs.finetune import FinetuneOptions, run_finetune
+from app.jobs.finetune.options import FinetuneOptions
+from app.jobs.finetune.run import run_finetune
 from tests.helpers import PROJECT_ROOT, make_tiny_model
 from tests.jobs.test_finetune import make_image_folder, read_weights
 

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from app.errors import InvalidRequestError, WeightsMismatchError
-from app.jobs.fixres_import import import_fixres
+from app.jobs.import_fixres.run import import_fixres
 from app.repository import ModelRepository
 from tests.helpers import PROJECT_ROOT
 

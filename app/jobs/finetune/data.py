@@ -7,21 +7,20 @@ the "test DA" crop a job trains on is exactly the center crop the server classif
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
 from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage
+from app.jobs.finetune.options import AUGMENTS, Augment
 from app.model_config import ModelConfig
-from app.tta.preprocess import _RESAMPLE, DecodeLimits, cut_views, decode_image, prepare_image
+from app.options import DecodeLimits
+from app.tta.preprocess import RESAMPLE, cut_views, decode_image, prepare_image
 from app.tta.views import View, parse_view_spec, plan_views
 
-Augment = Literal["test", "test2", "train", "center"]
-AUGMENTS = ("test", "test2", "train")
 # FixRes "test DA2": light colour jitter (brightness, contrast, saturation factors).
 DA2_JITTER = 0.1
 # Training DA as in the FixRes paper's initial training (torchvision's ImageNet recipe).
@@ -29,8 +28,6 @@ TRAIN_JITTER = 0.4
 
 
 def _jitter(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
-    from PIL import ImageEnhance
-
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         img = enhancer(img).enhance(float(rng.uniform(1.0 - strength, 1.0 + strength)))
     return img
@@ -74,7 +71,7 @@ class FixResTransform:
             left, top, bw, bh = _random_resized_box(img.width, img.height, rng)
             img = img.crop((left, top, left + bw, top + bh))
             img = _jitter(img, TRAIN_JITTER, rng)
-            img = img.resize((size, size), _RESAMPLE[self.cfg.interpolation])
+            img = img.resize((size, size), RESAMPLE[self.cfg.interpolation])
             tensor = prepare_image(img, self.cfg.with_changes(crop_pct=1.0), self.cpu).chw
             return (tensor.flip(-1) if rng.random() < 0.5 else tensor).contiguous()
         if self.augment == "test2":

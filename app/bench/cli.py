@@ -1,0 +1,54 @@
+"""``midserve bench`` arguments; the measurements are imported only when they run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from app.bench import SAMPLES
+from app.cli_args import add_engine_args, add_model_arg
+from app.request import LEVELS
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.bench.run import run_bench
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per load request
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(args)
+    print(json.dumps(result))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="throughput vs the hardware bound and the naive pipeline")
+    add_model_arg(p)
+    add_engine_args(p)
+    p.add_argument("--views", type=int, default=10, help="crop count (default policy)")
+    p.add_argument("--views-spec", default=None, help="explicit view mix instead of --views")
+    p.add_argument("--level", default="softmax", choices=list(LEVELS))
+    p.add_argument("--chunk-views", type=int, default=0, help="0 = the best measured chunk")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
+    p.add_argument("--data", default=str(SAMPLES), help="folder of real photos")
+    p.add_argument("--images", type=int, default=100)
+    p.add_argument(
+        "--check-dtype",
+        default="bfloat16",
+        choices=["", "bfloat16", "float16"],
+        help="also report this dtype's agreement with float32 on the photos",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    p.add_argument("--no-fuse", action="store_true", help="serve the network as loaded, "
+                   "without folded batch norms and static padding")  # fmt: skip
+    p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
+    p.add_argument(
+        "--http-matrix",
+        action="store_true",
+        help="HTTP at concurrency 1 and 8, batching on and off",
+    )
+    p.set_defaults(handler=cmd_bench)

@@ -1,0 +1,194 @@
+"""One bench run: the bound, the network alone by chunk size, the served pipeline against
+the naive one, the dtype's agreement, then HTTP, all in one process so the ratios hold."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.bench.roofline import gemm_gflops, model_gflops_per_view
+from app.bench.server_load import HttpRound, http_load, start_server, summarize_rounds
+from app.bench.timing import dtype_agreement, engine_throughput, naive_throughput, raw_forward
+from app.cli_args import settings_from_args
+from app.engine import Engine, pick_device
+from app.options import EngineOptions
+from app.repository import LoadedModel, ModelRepository
+from app.tta.views import ViewSpec, default_policy, parse_view_spec
+
+ROUNDS = 3
+
+
+def best_chunk(engine: Engine, spec: ViewSpec, d: float, out: dict[str, Any]) -> int:
+    """Views per forward with the highest raw throughput; rounds interleaved, median per
+    chunk, so one noisy second cannot pick the chunk."""
+    chunks = sorted({1, 2, 4, 8, 10, 16, spec.total, engine.chunk_views})
+    chunk_rounds: dict[int, list[float]] = {c: [] for c in chunks}
+    for _ in range(3):
+        for c in chunks:
+            chunk_rounds[c].append(raw_forward(engine, c, d / 4, views=max(spec.total, c)))
+    raw = {c: statistics.median(v) for c, v in chunk_rounds.items()}
+    best = max(raw, key=lambda c: raw[c])
+    out["raw_forward_by_chunk"] = {str(c): round(v, 2) for c, v in raw.items()}
+    out["raw_forward_views_per_s"] = raw[best]
+    out["best_chunk"] = best
+    return best
+
+
+def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, images: list[bytes],
+               spec: ViewSpec, out: dict[str, Any]) -> None:  # fmt: skip
+    """The same pipeline behind a real server, batched (and, with --http-matrix, not)."""
+    d = args.duration
+    env = {"MIDSERVE_DEVICE": out["device"], "MIDSERVE_DTYPE": out["dtype"],
+           "MIDSERVE_COMPILE": "true" if args.compile else "false",
+           "MIDSERVE_FUSE": "false" if args.no_fuse else "true"}  # fmt: skip
+    params = {"views": str(spec), "level": args.level}
+    # batched: the server's own defaults; unbatched: requests never share a forward
+    settings = {"batched": {},
+                "unbatched": {"MIDSERVE_MAX_BATCH_VIEWS": str(spec.total),
+                              "MIDSERVE_MAX_WAIT_MS": "0"}}  # fmt: skip
+    modes = ["batched", "unbatched"] if args.http_matrix else ["batched"]
+    levels = [1, 8] if args.http_matrix else [8]
+    servers: dict[str, tuple[Any, str]] = {}
+    rounds: dict[str, list[HttpRound]] = {f"http_{m}_c{c}": [] for m in modes for c in levels}
+    engine_rounds: list[float] = []
+    try:
+        for mode in modes:
+            servers[mode] = start_server(models_dir, args.model, {**env, **settings[mode]})
+        # The machine's speed drifts from minute to minute: interleave short rounds of the
+        # in-process engine and every HTTP setting, so each ratio compares like with like.
+        for r in range(ROUNDS):
+            engine_rounds.append(engine_throughput(engine, images, spec, args.level, d / ROUNDS))
+            for mode in modes:
+                for c in levels:
+                    rounds[f"http_{mode}_c{c}"].append(
+                        http_load(servers[mode][1], args.model, images, params, c,
+                                  d / ROUNDS, warmup_s=1.0 if r == 0 else 0.2)
+                    )  # fmt: skip
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    for key, value in rounds.items():
+        out[key] = {k: round(v, 2) for k, v in summarize_rounds(value).items()}
+    out["engine_views_per_s_beside_http"] = statistics.median(engine_rounds)
+    c8 = out["http_batched_c8"]
+    out["http_views_per_s_c8"] = c8["views_per_s"]
+    out["http_p50_ms_c8"], out["http_p99_ms_c8"] = c8["p50_ms"], c8["p99_ms"]
+    out["http_overhead"] = 1.0 - c8["views_per_s"] / out["engine_views_per_s_beside_http"]
+
+
+def pipeline_phase(args: argparse.Namespace, model: LoadedModel, engine: Engine,
+                   options: EngineOptions, images: list[bytes], spec: ViewSpec,
+                   out: dict[str, Any]) -> EngineOptions:  # fmt: skip
+    """The served pipeline against the naive one and the unfused network; interleaved
+    rounds, medians: the machine's speed drifts between one phase and the next.
+    Returns the options the measured engine was built with."""
+    d = args.duration
+    served = options.with_changes(dtype=engine.dtype_name, chunk_views=engine.chunk_views)
+    # the same engine on the network as loaded: what the inference rewrites buy
+    unfused = None if args.no_fuse else Engine(model, served.with_changes(fuse=False))
+    engine_runs, naive_runs, unfused_runs = [], [], []
+    for _ in range(ROUNDS):
+        engine_runs.append(engine_throughput(engine, images, spec, args.level, d / ROUNDS))
+        naive_runs.append(naive_throughput(model, images, min(spec.total, 10), d / ROUNDS))
+        if unfused is not None:
+            unfused_runs.append(engine_throughput(unfused, images, spec, args.level, d / ROUNDS))
+    out["engine_views_per_s"] = statistics.median(engine_runs)
+    out["naive_views_per_s"] = statistics.median(naive_runs)
+    if unfused_runs:
+        out["engine_unfused_views_per_s"] = statistics.median(unfused_runs)
+        out["fusion_speedup"] = out["engine_views_per_s"] / out["engine_unfused_views_per_s"]
+    out["efficiency"] = out["engine_views_per_s"] / out["bound_views_per_s"]
+    if engine.dtype != torch.float32:
+        # fp32 is not the ceiling of a bf16/fp16 forward: its own matmul rate is
+        gemm = gemm_gflops(d, engine.device, engine.dtype)
+        out[f"gemm_gflops_{engine.dtype_name}"] = gemm
+        out[f"bound_views_per_s_{engine.dtype_name}"] = gemm / out["model_gflops_per_view"]
+        out[f"efficiency_{engine.dtype_name}"] = (
+            out["engine_views_per_s"] / out[f"bound_views_per_s_{engine.dtype_name}"]
+        )
+    out["speedup_vs_naive"] = out["engine_views_per_s"] / out["naive_views_per_s"]
+    return served
+
+
+def dtype_phase(args: argparse.Namespace, model: LoadedModel, served: EngineOptions,
+                images: list[bytes], spec: ViewSpec, out: dict[str, Any]) -> None:  # fmt: skip
+    """What a faster dtype buys (throughput) and costs (agreement with float32)."""
+    # agreement of the fused network in that dtype, as served by default
+    checked = served.with_changes(fuse=True)
+    if served.dtype != "float32":
+        fp32 = Engine(model, served.with_changes(dtype="float32"))
+        out["engine_float32_views_per_s"] = engine_throughput(
+            fp32, images, spec, args.level, args.duration
+        )
+        out["agreement_vs_float32"] = dtype_agreement(model, images, spec, checked)
+    elif args.check_dtype:
+        out[f"{args.check_dtype}_agreement"] = dtype_agreement(
+            model, images, spec, checked.with_changes(dtype=args.check_dtype)
+        )
+
+
+def print_table(out: dict[str, Any]) -> None:
+    rows: list[tuple[str, str]] = []
+    for key, value in out.items():
+        if isinstance(value, float):
+            rows.append((key, f"{value:.3f}"))
+        elif not isinstance(value, dict):
+            rows.append((key, str(value)))
+        else:
+            rows.append((key, json.dumps(value)))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}", file=sys.stderr)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    settings = settings_from_args(args)
+    # the server's engine options, with the bench's own choices on top
+    options = EngineOptions.from_settings(settings).with_changes(
+        chunk_views=args.chunk_views or None, compile=False, fuse=False if args.no_fuse else None
+    )
+    device = pick_device(options.device)
+    model = ModelRepository(settings.models_dir).load(args.model, device)
+    spec = (
+        default_policy(args.views) if args.views_spec is None else parse_view_spec(args.views_spec)
+    )
+    files = sorted(Path(args.data).glob("*")) if args.data else []
+    images = [f.read_bytes() for f in files if f.is_file()][: args.images]
+    if not images:
+        raise SystemExit(f"no images in {args.data!r}: pass --data with real photos")
+    d = args.duration
+    out: dict[str, Any] = {"model": args.model, "device": str(device), "dtype": options.dtype,
+                           "views": spec.total, "spec": str(spec), "level": args.level,
+                           "threads": torch.get_num_threads()}  # fmt: skip
+
+    out["gemm_gflops"] = gemm_gflops(d, device)
+    out["model_gflops_per_view"] = model_gflops_per_view(model)
+    out["bound_views_per_s"] = out["gemm_gflops"] / out["model_gflops_per_view"]
+
+    engine = Engine(model, options)
+    out["dtype"] = engine.dtype_name
+    out["fusion"] = engine.fusion.describe() if engine.fusion else "off"
+    chunk = best_chunk(engine, spec, d, out)
+    engine.chunk_views = args.chunk_views or chunk
+    if args.compile:
+        out["eager_engine_views_per_s"] = engine_throughput(engine, images, spec, args.level, d)
+        engine = Engine(model, options.with_changes(chunk_views=engine.chunk_views, compile=True))
+        size = model.cfg.input_size
+        t0 = time.perf_counter()
+        engine.run_views(torch.zeros(engine.chunk_views, 3, size, size, device=device))
+        out["compile_warmup_s"] = time.perf_counter() - t0
+        out["raw_forward_views_per_s"] = raw_forward(engine, engine.chunk_views, d)
+    served = pipeline_phase(args, model, engine, options, images, spec, out)
+    dtype_phase(args, model, served, images, spec, out)
+    if not args.no_http:
+        http_phase(args, settings.models_dir, engine, images, spec, out)
+    print_table(out)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

@@ -1,0 +1,88 @@
+"""``midserve evaluate`` arguments; the evaluation is imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import app.jobs.evaluate as job
+from app.cli_args import (
+    add_class_order_arg,
+    add_engine_args,
+    add_job_parser,
+    add_model_arg,
+    settings_from_args,
+)
+from app.errors import InvalidRequestError
+from app.jobs.evaluate.configs import PRESETS, EvalOptions, parse_configs, parse_sweep
+from app.request import LEVELS
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from app.jobs.evaluate.run import run_evaluation
+
+    configs = parse_configs(args.configs)
+    sweep = parse_sweep(args.sweep, args.sweep_level)
+    out = args.out or Path("runs") / "eval" / f"{args.model}-{args.data.resolve().name}"
+    if args.workers < 0 or args.limit < 0:
+        raise InvalidRequestError("--workers and --limit must not be negative")
+    opts = EvalOptions(
+        model=args.model,
+        data=args.data,
+        out=out,
+        configs=configs,
+        sweep=sweep,
+        labels_file=args.labels_file,
+        class_order=args.class_order,
+        dataset_name=args.dataset_name or "",
+        limit=args.limit,
+        seed=args.seed,
+        models_dir=args.models_dir,
+        device=args.device,
+        dtype=args.dtype,
+        workers=args.workers,
+        batch_views=args.batch_views,
+        write_model_results=not args.no_model_results,
+        fresh=args.fresh,
+        progress=not args.no_progress,
+    )
+    report = run_evaluation(opts, settings_from_args(args))
+    if report is not None:
+        sys.stdout.write((out / "results.md").read_text())
+        print(f"\nwritten to {out}", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    summary = "accuracy of view configs on a labelled folder (MID tables, Fig. 3)"
+    p = add_job_parser(sub, "evaluate", summary, job.__doc__)
+    add_model_arg(p)
+    p.add_argument("--data", type=Path, required=True, help="labelled image folder")
+    p.add_argument("--labels-file", type=Path, default=None, help="val.txt or LOC_val_solution.csv")
+    add_class_order_arg(p)
+    p.add_argument("--dataset-name", default=None, help="name in eval.json (default: folder)")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["closing"],
+        help=f"'spec@level' items (';' separates several in one argument) or presets: "
+        f"{', '.join(PRESETS)}; e.g. center:1@softmax 'fixed:5,mfixed:5@softmax' auto",
+    )
+    p.add_argument("--sweep", default=None, help="Fig. 3 sweep, e.g. random:1..40")
+    p.add_argument("--sweep-level", default="softmax", choices=list(LEVELS))
+    p.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="fixes every random view position")
+    p.add_argument("--out", type=Path, default=None, help="output folder (resumed if present)")
+    p.add_argument("--fresh", action="store_true", help="discard earlier results in --out")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader decode workers")
+    p.add_argument(
+        "--batch-views",
+        type=int,
+        default=0,
+        help="views per forward across images (0 = the device's chunk: 8 cpu, 128 cuda)",
+    )
+    p.add_argument("--no-model-results", action="store_true", help="do not write eval.json")
+    p.add_argument("--no-progress", action="store_true")
+    add_engine_args(p)
+    p.set_defaults(handler=cmd_evaluate)

@@ -1,0 +1,194 @@
+"""What an evaluation computes: view configs (``spec@level``), presets, the Fig. 3 sweep,
+and how each config's views are picked out of one pool per image. No torch here."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import InvalidRequestError
+from app.jobs.datasets import ClassOrder
+from app.options import DtypeName
+from app.request import LEVELS, Level, check_level
+from app.tta.adaptive import AUTO, auto_policy
+from app.tta.views import ViewSpec, parse_view_spec
+
+BASELINE = "center:1@softmax"
+TOP_K = 5
+
+_FC_MFC = "fixed:5,mfixed:5"
+PRESETS: dict[str, list[str]] = {
+    # the rows the issue's closing note asks for
+    "closing": [
+        BASELINE,
+        "random:10@feature",
+        "random:20@feature",
+        "random:10@softmax",
+        "random:20@softmax",
+        f"{_FC_MFC}@feature",
+        f"{_FC_MFC}@softmax",
+        f"{_FC_MFC},random:10,mrandom:10@feature",
+        f"{_FC_MFC},random:10,mrandom:10@softmax",
+        "auto@softmax",
+    ],
+    # MID Tab. I (and the per-family Tabs. II-VII, which repeat its rows for other models)
+    "table1": [BASELINE]
+    + [f"random:{n}@{lv}" for lv in ("feature", "softmax") for n in (10, 20)]
+    + [f"random:{n},mrandom:{n}@{lv}" for lv in ("feature", "softmax") for n in (5, 10, 15, 20)]
+    + [f"{s}@{lv}" for lv in ("feature", "softmax") for s in ("fixed:5", _FC_MFC)],
+    # MID Tab. VIII: fixed crops combined with random ones
+    "table8": [BASELINE]
+    + [f"{s}@{lv}" for lv in ("feature", "softmax") for s in ("fixed:5", _FC_MFC)]
+    + [f"fixed:5,random:{n}@{lv}" for lv in ("feature", "softmax") for n in (5, 10, 15, 20)]
+    + [
+        f"{_FC_MFC},random:{n},mrandom:{n}@{lv}"
+        for lv in ("feature", "softmax")
+        for n in (5, 10, 15, 20)
+    ],
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A view spec (or the adaptive ``auto`` policy) and an averaging level."""
+
+    spec: ViewSpec | None  # None: auto_policy per image
+    level: Level
+
+    @property
+    def name(self) -> str:
+        return f"{AUTO if self.spec is None else self.spec}@{self.level}"
+
+    def spec_for(self, width: int, height: int, crop: int) -> ViewSpec:
+        return auto_policy(width, height, crop) if self.spec is None else self.spec
+
+
+def parse_config(text: str) -> EvalConfig:
+    """``<view spec>@<level>`` (level defaults to softmax); the spec may be ``auto``."""
+    spec_text, _, level_text = text.strip().partition("@")
+    level_text = level_text.strip().lower() or "softmax"
+    if level_text not in LEVELS:
+        raise InvalidRequestError(
+            f"level in config {text!r} must be one of {', '.join(LEVELS)}, got {level_text!r}"
+        )
+    level = check_level(level_text)
+    if spec_text.strip().lower() == AUTO:
+        return EvalConfig(None, level)
+    return EvalConfig(parse_view_spec(spec_text), level)
+
+
+def parse_configs(items: list[str]) -> list[EvalConfig]:
+    """Preset names and configs (several per argument when separated by ``;``).
+
+    The center-crop baseline is always evaluated first; duplicates are dropped.
+    """
+    texts: list[str] = []
+    for item in items:
+        for part in item.split(";"):
+            part = part.strip()
+            if part:
+                texts.extend(PRESETS.get(part, [part]))
+    configs = [parse_config(BASELINE)]
+    for t in texts:
+        c = parse_config(t)
+        if c.name not in {x.name for x in configs}:
+            configs.append(c)
+    return configs
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Fig. 3: ``random:k`` and ``center:1,random:k`` for k in lo..hi, at one level."""
+
+    lo: int
+    hi: int
+    level: Level
+
+    def configs(self) -> list[tuple[int, EvalConfig, EvalConfig]]:
+        out = []
+        for k in range(self.lo, self.hi + 1):
+            rc = EvalConfig(ViewSpec((("random", k),)), self.level)
+            cc = EvalConfig(ViewSpec((("center", 1), ("random", k))), self.level)
+            out.append((k, rc, cc))
+        return out
+
+
+def parse_sweep(text: str | None, level: str = "softmax") -> Sweep | None:
+    if not text:
+        return None
+    kind, _, rng = text.partition(":")
+    lo_text, sep, hi_text = rng.partition("..")
+    if kind.strip() != "random" or not sep or not (lo_text.isdigit() and hi_text.isdigit()):
+        raise InvalidRequestError(f"--sweep must look like random:1..40, got {text!r}")
+    lo, hi = int(lo_text), int(hi_text)
+    if not 1 <= lo <= hi <= 200:
+        raise InvalidRequestError(f"--sweep range must satisfy 1 <= lo <= hi <= 200, got {text!r}")
+    if level not in LEVELS:
+        raise InvalidRequestError(f"--sweep-level must be one of {', '.join(LEVELS)}")
+    return Sweep(lo, hi, check_level(level))
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    data: Path
+    out: Path
+    configs: list[EvalConfig]
+    sweep: Sweep | None = None
+    labels_file: Path | None = None
+    class_order: ClassOrder = "ids"
+    dataset_name: str = ""
+    limit: int = 0
+    seed: int = 0
+    models_dir: Path | None = None  # None: the settings' (MIDSERVE_MODELS_DIR)
+    device: str | None = None  # None: the settings' (MIDSERVE_DEVICE)
+    dtype: DtypeName | None = None  # None: the settings', i.e. what the server runs
+    workers: int = 0
+    batch_views: int = 0  # views per forward across images; 0 = the engine's chunk size
+    write_model_results: bool = True
+    fresh: bool = False
+    progress: bool = True
+
+    def all_configs(self) -> list[EvalConfig]:
+        """The table's configs, then the sweep's that are not among them."""
+        configs = list(self.configs)
+        names = {c.name for c in configs}
+        if self.sweep:
+            for _, rc, cc in self.sweep.configs():
+                for c in (rc, cc):
+                    if c.name not in names:
+                        configs.append(c)
+                        names.add(c.name)
+        return configs
+
+
+# -- views: one pool per image, every config a prefix of each kind ------------------------
+
+
+def pool_spec(specs: list[ViewSpec]) -> ViewSpec:
+    """The largest count of each kind over ``specs`` (``center`` needs one fixed crop)."""
+    need = {"fixed": 0, "mfixed": 0, "random": 0, "mrandom": 0}
+    for spec in specs:
+        for kind, n in spec.parts:
+            key = "fixed" if kind == "center" else kind
+            need[key] = max(need[key], n)
+    return ViewSpec(tuple((k, n) for k, n in need.items() if n > 0))
+
+
+def select_views(pool: ViewSpec, spec: ViewSpec) -> list[int]:
+    """Indices into the views planned for ``pool`` that make up ``spec``."""
+    start, offset = {}, 0
+    for kind, n in pool.parts:
+        start[kind] = offset
+        offset += n
+    out: list[int] = []
+    for kind, n in spec.parts:
+        key = "fixed" if kind == "center" else kind
+        out.extend(range(start[key], start[key] + n))
+    return out
+
+
+def image_seed(seed: int, name: str) -> int:
+    """A per-image seed that depends only on the run seed and the file, not on order."""
+    return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
