@@ -19,9 +19,16 @@ from app.jobs.evaluate.configs import EvalOptions, image_seed, parse_configs, pa
 from app.jobs.evaluate.run import run_evaluation
 from app.repository import ModelRepository
 from app.tta.adaptive import auto_policy
-from app.tta.preprocess import cut_views
+from app.tta.preprocess import cut_view_groups
 from app.tta.views import parse_view_spec
-from tests.helpers import FLOAT32, PROJECT_ROOT, image_bytes, make_tiny_model, preparer
+from tests.helpers import (
+    FLOAT32,
+    PROJECT_ROOT,
+    classify,
+    image_bytes,
+    make_tiny_model,
+    preparer,
+)
 
 # (class, width, height): square, 4:3 and elongated images, so every auto branch is hit
 IMAGES = [(0, 64, 64), (0, 90, 64), (1, 64, 140), (1, 70, 70), (2, 100, 75), (2, 200, 80)]
@@ -79,7 +86,7 @@ def _recompute(
         views, _, _ = preparer(engine).plan(
             image, spec, image_seed(seed, str(path.relative_to(data)))
         )
-        outputs = engine.run_views(cut_views(image, views))
+        outputs = engine.run_groups(cut_view_groups(image, views))
         for lv in levels:
             _, top, _ = engine.summarize(outputs, lv, top_k=3)  # type: ignore[arg-type]
             idx = [t.index for t in top]
@@ -124,6 +131,47 @@ def test_table_equals_a_per_image_recomputation(
     center = rows["center:1@softmax"]["top1"]
     assert paired["diff"] == pytest.approx(rows["fixed:5,mfixed:5@softmax"]["top1"] - center)
     assert paired["ci_low"] <= paired["diff"] <= paired["ci_high"]
+
+
+def test_resolution_views_and_their_compute_equal_a_recomputation(
+    repo: Path, data: Path, engines: dict[str, Engine], tmp_path: Path
+) -> None:
+    """Whole-image and multi-scale configs share one pool per image, batched by shape, and
+    each row's top-1 and compute match the serving pipeline run image by image."""
+    configs = ["center,full@96,mfull@96@softmax", "center@80@logit", "full@64,mfull@64@softmax"]
+    report = run_evaluation(_opts(repo, data, tmp_path / "out", configs))
+    assert report is not None
+    rows = _rows(report)
+    for text in configs:
+        spec, _, level = text.rpartition("@")
+        top1, top5, views = _recompute(engines["tiny"], data, spec, [level])[text]
+        name = parse_configs([text])[1].name
+        assert rows[name]["top1"] == pytest.approx(top1) and rows[name]["top5"] == pytest.approx(
+            top5
+        )
+        assert rows[name]["mean_views"] == views
+    center = rows["center:1@softmax"]
+    assert center["view_equivalents"] == 1.0
+    whole = rows["center:1,full@96:1,mfull@96:1@softmax"]
+    assert whole["view_equivalents"] > 3 and whole["gflops"] > 3 * center["gflops"] > 0
+    assert (tmp_path / "out" / "policies.png").stat().st_size > 10_000
+    assert "Pareto front" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_the_best_policy_under_a_budget_is_written_and_served(data: Path, tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "models", "tiny", num_classes=3, seed=1)
+    configs = ["fixed:5,mfixed:5@softmax", "full@96,mfull@96@softmax", "center@80@softmax"]
+    opts = _opts(tmp_path / "models", data, tmp_path / "out", configs, policy_budget=4.0,
+                 time_images=2)  # fmt: skip
+    report = run_evaluation(opts)
+    assert report is not None
+    rows = [r for r in report["rows"] if r["view_equivalents"] <= 4.0]
+    best = max(rows, key=lambda r: (r["top1"], -r["gflops"]))
+    assert report["policy_written"] == best["config"].rpartition("@")[0]
+    assert all(r["ms_per_image"] > 0 for r in report["rows"])  # each config timed alone
+    engine = Engine(ModelRepository(tmp_path / "models").load("tiny", "cpu"), FLOAT32)
+    served = classify(engine, image_bytes(90, 64), parse_view_spec("auto"), top_k=1, seed=0)
+    assert served.spec == report["policy_written"]
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny_full"])

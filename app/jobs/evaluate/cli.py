@@ -25,8 +25,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     configs = parse_configs(args.configs)
     sweep = parse_sweep(args.sweep, args.sweep_level)
     out = args.out or Path("runs") / "eval" / f"{args.model}-{args.data.resolve().name}"
-    if args.workers < 0 or args.limit < 0:
-        raise InvalidRequestError("--workers and --limit must not be negative")
+    if args.workers < 0 or args.limit < 0 or args.time_images < 0:
+        raise InvalidRequestError("--workers, --limit and --time-images must not be negative")
     opts = EvalOptions(
         model=args.model,
         data=args.data,
@@ -46,11 +46,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_model_results=not args.no_model_results,
         fresh=args.fresh,
         progress=not args.no_progress,
+        time_images=args.time_images,
+        policy_budget=args.write_policy,
     )
     report = run_evaluation(opts, settings_from_args(args))
     if report is not None:
         sys.stdout.write((out / "results.md").read_text())
         print(f"\nwritten to {out}", file=sys.stderr)
+        if "policy_written" in report:
+            print(f"views=auto now serves {report['policy_written']}", file=sys.stderr)
     return 0
 
 
@@ -83,6 +87,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="views per forward across images (0 = the device's chunk: 8 cpu, 128 cuda)",
     )
     p.add_argument("--no-model-results", action="store_true", help="do not write eval.json")
+    p.add_argument(
+        "--time-images",
+        type=int,
+        default=0,
+        help="measure ms per image of each config alone on this many images",
+    )
+    p.add_argument("--write-policy", type=float, default=None, metavar="BUDGET",
+                   help="write the most accurate config within BUDGET views of the model's "
+                   "input size per image into model.toml as what views=auto serves")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     add_engine_args(p)
     p.set_defaults(handler=cmd_evaluate)

@@ -11,8 +11,8 @@ from app.errors import InvalidRequestError
 from app.jobs.datasets import ClassOrder
 from app.options import DtypeName
 from app.request import LEVELS, Level, check_level
-from app.tta.adaptive import AUTO, auto_policy
-from app.tta.views import ViewSpec, parse_view_spec
+from app.tta.adaptive import AUTO, resolve_spec
+from app.tta.views import CROP_KINDS, ViewSpec, parse_view_spec, split_kind
 
 BASELINE = "center:1@softmax"
 TOP_K = 5
@@ -37,6 +37,18 @@ PRESETS: dict[str, list[str]] = {
     + [f"random:{n}@{lv}" for lv in ("feature", "softmax") for n in (10, 20)]
     + [f"random:{n},mrandom:{n}@{lv}" for lv in ("feature", "softmax") for n in (5, 10, 15, 20)]
     + [f"{s}@{lv}" for lv in ("feature", "softmax") for s in ("fixed:5", _FC_MFC)],
+    # candidate policies for the accuracy-vs-compute sweep: crops at the model's scale and
+    # above it, the whole image at test resolutions above the training one, and mixes
+    "policies": [
+        BASELINE,
+        f"{_FC_MFC}@softmax",
+        "center@256@softmax",
+        "center@288@softmax",
+        "center,center@288@softmax",
+        "fixed:5,fixed@288:5@softmax",
+    ]
+    + [f"full@{s},mfull@{s}@softmax" for s in (224, 256, 288, 320)]
+    + [f"center,full@{s},mfull@{s}@softmax" for s in (256, 288, 320)],
     # MID Tab. VIII: fixed crops combined with random ones
     "table8": [BASELINE]
     + [f"{s}@{lv}" for lv in ("feature", "softmax") for s in ("fixed:5", _FC_MFC)]
@@ -53,25 +65,33 @@ PRESETS: dict[str, list[str]] = {
 class EvalConfig:
     """A view spec (or the adaptive ``auto`` policy) and an averaging level."""
 
-    spec: ViewSpec | None  # None: auto_policy per image
+    spec: ViewSpec | None  # None: ``auto``, resolved per image as the server resolves it
     level: Level
 
     @property
     def name(self) -> str:
         return f"{AUTO if self.spec is None else self.spec}@{self.level}"
 
-    def spec_for(self, width: int, height: int, crop: int) -> ViewSpec:
-        return auto_policy(width, height, crop) if self.spec is None else self.spec
+    def spec_for(
+        self, width: int, height: int, crop: int, measured: ViewSpec | None = None
+    ) -> ViewSpec:
+        """The views for an image whose model-scale resize is ``width`` x ``height``;
+        ``measured``: the model's measured ``auto`` policy, if it has one."""
+        return resolve_spec(self.spec or ViewSpec((), adaptive=True), width, height, crop, measured)
 
 
 def parse_config(text: str) -> EvalConfig:
-    """``<view spec>@<level>`` (level defaults to softmax); the spec may be ``auto``."""
-    spec_text, _, level_text = text.strip().partition("@")
-    level_text = level_text.strip().lower() or "softmax"
-    if level_text not in LEVELS:
-        raise InvalidRequestError(
-            f"level in config {text!r} must be one of {', '.join(LEVELS)}, got {level_text!r}"
-        )
+    """``<view spec>@<level>`` (level defaults to softmax); the spec may be ``auto`` and its
+    kinds may carry a size (``full@288,mfull@288@logit``): only a level name after the last
+    ``@`` is a level."""
+    spec_text, at, level_text = text.strip().rpartition("@")
+    level_text = level_text.strip().lower()
+    if not at or level_text not in LEVELS:
+        if at and level_text[:1].isalpha():  # a word after the last "@" names a level
+            raise InvalidRequestError(
+                f"level in config {text!r} must be one of {', '.join(LEVELS)}, got {level_text!r}"
+            )
+        spec_text, level_text = text.strip(), "softmax"
     level = check_level(level_text)
     if spec_text.strip().lower() == AUTO:
         return EvalConfig(None, level)
@@ -149,6 +169,8 @@ class EvalOptions:
     write_model_results: bool = True
     fresh: bool = False
     progress: bool = True
+    time_images: int = 0  # time each config alone on this many images (0: not timed)
+    policy_budget: float | None = None  # write the best policy within this many view-equivs
 
     def all_configs(self) -> list[EvalConfig]:
         """The table's configs, then the sweep's that are not among them."""
@@ -166,25 +188,33 @@ class EvalOptions:
 # -- views: one pool per image, every config a prefix of each kind ------------------------
 
 
+def _pool_key(token: str) -> str:
+    """The pool entry a spec part draws from: ``center[@S]`` is the first ``fixed[@S]``."""
+    kind, size = split_kind(token)
+    kind = "fixed" if kind == "center" else kind
+    return f"{kind}@{size}" if size else kind
+
+
 def pool_spec(specs: list[ViewSpec]) -> ViewSpec:
-    """The largest count of each kind over ``specs`` (``center`` needs one fixed crop)."""
-    need = {"fixed": 0, "mfixed": 0, "random": 0, "mrandom": 0}
+    """The largest count of each kind (and size) over ``specs``: the model-scale crop kinds
+    first, in a fixed order, then sized and whole-image kinds in order of appearance."""
+    need = {kind: 0 for kind in CROP_KINDS if kind != "center"}
     for spec in specs:
-        for kind, n in spec.parts:
-            key = "fixed" if kind == "center" else kind
-            need[key] = max(need[key], n)
+        for token, n in spec.parts:
+            key = _pool_key(token)
+            need[key] = max(need.get(key, 0), n)
     return ViewSpec(tuple((k, n) for k, n in need.items() if n > 0))
 
 
 def select_views(pool: ViewSpec, spec: ViewSpec) -> list[int]:
     """Indices into the views planned for ``pool`` that make up ``spec``."""
     start, offset = {}, 0
-    for kind, n in pool.parts:
-        start[kind] = offset
+    for token, n in pool.parts:
+        start[token] = offset
         offset += n
     out: list[int] = []
-    for kind, n in spec.parts:
-        key = "fixed" if kind == "center" else kind
+    for token, n in spec.parts:
+        key = _pool_key(token)
         out.extend(range(start[key], start[key] + n))
     return out
 

@@ -16,6 +16,7 @@ import numpy as np
 from app.errors import DataError
 from app.eval_results import EvalResult, write_eval_results
 from app.jobs.datasets import LabelledFolder
+from app.jobs.evaluate.compute import pareto_front, plot_policies
 from app.jobs.evaluate.configs import BASELINE, TOP_K, EvalOptions
 from app.jobs.evaluate.tables import (
     Row,
@@ -35,6 +36,12 @@ from app.model_config import ModelConfig
 log = logging.getLogger(__name__)
 
 
+def mean_of(records: list[dict[str, Any]], field: str, name: str) -> float:
+    """Mean of a per-image number (NaN for records written before it was kept)."""
+    values = [r[field][name] for r in records if field in r]
+    return float(np.mean(values)) if len(values) == len(records) else math.nan
+
+
 def correct_at(records: list[dict[str, Any]], name: str, k: int) -> np.ndarray:
     """Per image: is the target among config ``name``'s top ``k``."""
     return np.array([r["target"] in r["top"][name][:k] for r in records], dtype=bool)
@@ -47,7 +54,10 @@ def build_report(
     records: dict[str, dict[str, Any]],
     cfg: ModelConfig,
     resumed: int,
+    timed: dict[str, float] | None = None,
 ) -> dict[str, Any]:
+    """Rows with paired statistics against the center crop and each config's compute
+    (``timed``: measured milliseconds per image by config, when they were measured)."""
     ordered = [records[n] for n in names if n in records]
     scored = [r for r in ordered if "top" in r]
     skipped = [{"file": r["file"], "reason": r["skipped"]} for r in ordered if "skipped" in r]
@@ -70,6 +80,9 @@ def build_report(
                 top5=float(correct_at(scored, c.name, TOP_K).mean()),
                 mean_views=float(np.mean([r["views"][c.name] for r in scored])),
                 paired=None if c.name == BASELINE else paired(c1, base, seed=opts.seed),
+                view_equivalents=mean_of(scored, "view_equivalents", c.name),
+                gflops=mean_of(scored, "gflops", c.name),
+                ms_per_image=(timed or {}).get(c.name, math.nan),
             )
         )
     sizes = [tuple(r["size"]) for r in scored]
@@ -127,6 +140,12 @@ def write_report(opts: EvalOptions, report: dict[str, Any], model_folder: Path |
         plot_sweep(points, center, title, out / "sweep.png", report["sweep"]["level"])
         md.append("\n## Sweep (Fig. 3)\n\n![sweep](sweep.png)\n\n```\n" + sweep_csv(points))
         md.append("```\n")
+    if not any(math.isnan(r.gflops) for r in rows):
+        plot_policies(rows, title, out / "policies.png")
+        front = ", ".join(f"`{r.config}`" for r in pareto_front(rows))
+        md.append(
+            f"\n## Accuracy against compute\n\n![policies](policies.png)\n\nPareto front: {front}\n"
+        )
     (out / "results.md").write_text("".join(md))
     (out / "results.csv").write_text(csv_table(rows))
     (out / "results.json").write_text(json.dumps(report, indent=2, default=nan_none) + "\n")

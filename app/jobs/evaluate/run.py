@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ import torch
 from tqdm import tqdm
 
 from app.config import Settings
-from app.engine import Engine, load_engine
-from app.errors import MidserveError
+from app.engine import Engine, ViewOutputs, load_engine
+from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage, read_labelled_folder
 from app.jobs.distributed import distributed_context
+from app.jobs.evaluate.compute import FlopCounter, best_under_budget, time_configs, write_policy
 from app.jobs.evaluate.configs import (
     TOP_K,
     EvalConfig,
@@ -29,84 +31,116 @@ from app.jobs.evaluate.configs import (
 from app.jobs.evaluate.records import prepare_out, read_records, records_path, run_key
 from app.jobs.evaluate.report import build_report, write_report
 from app.options import EngineOptions
-from app.pipeline import ImagePreparer
+from app.pipeline import ImagePipeline, ImagePreparer
 from app.repository import ModelRepository
 from app.tta.averaging import average_probabilities
-from app.tta.preprocess import PreparedImage, cut_views
-from app.tta.views import View, plan_views
+from app.tta.preprocess import ViewGroup, cut_view_groups
+from app.tta.views import View, plan_image_views
+
+
+class PoolPlanner:
+    """Decode, plan one view pool per image (every config's views, at every resolution they
+    ask for) and cut it into groups by shape, as serving does. Holds no network, so the
+    DataLoader workers run it."""
+
+    def __init__(self, preparer: ImagePreparer, configs: list[EvalConfig], seed: int) -> None:
+        self.preparer, self.configs, self.seed = preparer, configs, seed
+
+    def __call__(self, name: str, target: int, data: bytes) -> PlannedImage:
+        prep = self.preparer
+        image, _ = prep.image(data)
+        w, h = image.resized_size
+        crop, measured = prep.cfg.input_size, prep.measured_auto
+        specs = {c.name: c.spec_for(w, h, crop, measured) for c in self.configs}
+        pool = pool_spec(list(specs.values()))
+        views = plan_image_views(
+            pool, *image.decoded_size, prep.geometry, image_seed(self.seed, name)
+        )
+        chosen = {n: select_views(pool, s) for n, s in specs.items()}
+        groups = cut_view_groups(image, views)
+        return PlannedImage(name, target, (w, h), views, groups, chosen)
 
 
 class DecodedImages(torch.utils.data.Dataset):
-    """Decode + resize + normalise on the CPU as serving does (``ImagePreparer.image``);
-    errors come back as data, not exceptions."""
+    """Each image planned and cut in a worker; errors come back as data, not exceptions."""
 
-    def __init__(self, paths: list[Path], preparer: ImagePreparer) -> None:
-        self.paths, self.preparer = paths, preparer
+    def __init__(self, work: list[tuple[str, LabelledImage]], planner: PoolPlanner) -> None:
+        self.work, self.planner = work, planner
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.work)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        name, item = self.work[i]
         try:
-            image, _ = self.preparer.image(self.paths[i].read_bytes())
-            image.at(image.resized_size)  # resized in the worker: no view needs another scale
+            return {"i": i, "planned": self.planner(name, item.target, item.path.read_bytes())}
         except (OSError, MidserveError) as exc:
             return {"i": i, "error": f"{type(exc).__name__}: {exc}"}
-        image.source = None  # so the decoded pixels are not sent back to the main process
-        return {"i": i, "image": image}
 
 
 @dataclass
 class PlannedImage:
     name: str
     target: int
-    image: PreparedImage
+    size: tuple[int, int]  # the model-scale resize, for the aspect-ratio tables
     views: list[View]
+    groups: list[ViewGroup]  # the pool's views by shape
     chosen: dict[str, list[int]]  # config name -> indices into views
 
 
 class PoolScorer:
-    """Turns decoded images into per-image records (one forward of each image's view pool)."""
+    """Per-image records from planned images: one forward per view shape over a batch of
+    images' pools, then every config averaged from its views' outputs."""
 
-    def __init__(self, engine: Engine, configs: list[EvalConfig], seed: int) -> None:
-        self.engine, self.configs, self.seed = engine, configs, seed
-        self.crop = engine.cfg.input_size
+    def __init__(self, engine: Engine, configs: list[EvalConfig], flops: FlopCounter) -> None:
+        self.engine, self.configs, self.flops = engine, configs, flops
         self.k = min(TOP_K, engine.cfg.num_classes)
+        self.view_pixels = engine.cfg.input_size**2
 
-    def plan(self, name: str, target: int, image: PreparedImage) -> PlannedImage:
-        """The image's view pool and, per config, which pool views it averages."""
-        w, h = image.resized_size
-        specs = {c.name: c.spec_for(w, h, self.crop) for c in self.configs}
-        pool = pool_spec(list(specs.values()))
-        views = plan_views(pool, w, h, self.crop, image_seed(self.seed, name))
-        chosen = {n: select_views(pool, s) for n, s in specs.items()}
-        return PlannedImage(name, target, image, views, chosen)
+    def run(self, batch: list[PlannedImage]) -> list[ViewOutputs]:
+        """Each image's pool outputs in view order; equal shapes share a forward."""
+        by_shape: dict[tuple[int, ...], list[tuple[int, ViewGroup]]] = defaultdict(list)
+        for i, p in enumerate(batch):
+            for g in p.groups:
+                by_shape[tuple(g.batch.shape[-2:])].append((i, g))
+        parts: list[list[tuple[list[int], ViewOutputs]]] = [[] for _ in batch]
+        for members in by_shape.values():
+            out = self.engine.run_views(torch.cat([g.batch for _, g in members]))
+            offset = 0
+            for i, g in members:
+                n = len(g.indices)
+                rows = ViewOutputs(
+                    out.features[offset : offset + n], out.logits[offset : offset + n]
+                )
+                parts[i].append((g.indices, rows))
+                offset += n
+        return [ViewOutputs.in_view_order(p) for p in parts]
 
     @torch.inference_mode()
     def score(self, batch: list[PlannedImage]) -> list[dict[str, Any]]:
-        """Records for a few images at once: one run_views over all their pools."""
-        stacks = []
-        for p in batch:
-            stacks.append(cut_views(p.image.to(self.engine.device), p.views))
-        out = self.engine.run_views(torch.cat(stacks))
         head = self.engine.model.head
-        records, offset = [], 0
-        for p in batch:
-            feats = out.features[offset : offset + len(p.views)]
-            logits = out.logits[offset : offset + len(p.views)]
-            offset += len(p.views)
+        records = []
+        for p, out in zip(batch, self.run(batch), strict=True):
             top: dict[str, list[int]] = {}
             for c in self.configs:
-                idx = torch.tensor(p.chosen[c.name], device=feats.device)
-                probs = average_probabilities(feats[idx], logits[idx], head, c.level)
+                idx = torch.tensor(p.chosen[c.name], device=out.features.device)
+                probs = average_probabilities(out.features[idx], out.logits[idx], head, c.level)
                 top[c.name] = probs.float().topk(self.k).indices.tolist()
+            shapes = {n: [p.views[i].shape for i in idx] for n, idx in p.chosen.items()}
             records.append(
                 {
                     "file": p.name,
                     "target": p.target,
-                    "size": list(p.image.resized_size),
+                    "size": list(p.size),
                     "pool": len(p.views),
                     "views": {n: len(v) for n, v in p.chosen.items()},
+                    "view_equivalents": {
+                        n: round(sum(h * w for h, w in s) / self.view_pixels, 4)
+                        for n, s in shapes.items()
+                    },
+                    "gflops": {
+                        n: round(sum(map(self.flops.gflops, s)), 4) for n, s in shapes.items()
+                    },
                     "top": top,
                 }
             )
@@ -136,7 +170,7 @@ def run_evaluation(opts: EvalOptions, settings: Settings | None = None) -> dict[
         names = [str(it.path.relative_to(folder.root)) for it in items]
         done = read_records(opts.out)
         todo = [i for i, n in enumerate(names) if n not in done][ctx.rank :: ctx.world]
-        scorer = PoolScorer(engine, configs, opts.seed)
+        scorer = PoolScorer(engine, configs, FlopCounter(cfg))
         sink = records_path(opts.out, ctx.rank, ctx.world)
         t0 = time.perf_counter()
         work = [(names[i], items[i]) for i in todo]
@@ -144,9 +178,13 @@ def run_evaluation(opts: EvalOptions, settings: Settings | None = None) -> dict[
         views_run = score_images(opts, work, scorer, sink, progress)
         elapsed = time.perf_counter() - t0
         ctx.barrier()
+        timed = {}
+        if opts.time_images and ctx.is_main:  # the serving path, one config at a time
+            photos = [item.path.read_bytes() for item in items[: opts.time_images]]
+            timed = time_configs(ImagePipeline(engine), configs, photos)
     if not ctx.is_main:
         return None
-    report = build_report(opts, folder, names, read_records(opts.out), cfg, len(done))
+    report = build_report(opts, folder, names, read_records(opts.out), cfg, len(done), timed)
     report["timing"] = {
         "seconds": round(elapsed, 3),
         "images_computed": len(todo),
@@ -155,7 +193,14 @@ def run_evaluation(opts: EvalOptions, settings: Settings | None = None) -> dict[
         "scope": "this process" if ctx.world == 1 else "rank 0 only (each rank did its share)",
         "views_per_second": round(views_run / elapsed, 2) if elapsed > 0 else None,
     }
+    rows = report["_rows"]
     write_report(opts, report, model_folder=cfg.folder)
+    if opts.policy_budget is not None and cfg.folder is not None:
+        best = best_under_budget(rows, opts.policy_budget)
+        if best is None:
+            raise InvalidRequestError(f"no config fits a budget of {opts.policy_budget} views")
+        write_policy(cfg, best)
+        report["policy_written"] = best.config.rpartition("@")[0]
     return report
 
 
@@ -170,9 +215,9 @@ def score_images(
     a forward gathers about ``opts.batch_views`` views. Returns the views run."""
     engine = scorer.engine
     o = engine.options
-    cpu = torch.device("cpu")  # workers decode on the CPU; the scorer moves the tensors
+    cpu = torch.device("cpu")  # workers decode on the CPU; the engine moves the tensors
     preparer = ImagePreparer(engine.cfg, cpu, o.limits, o.jpeg_draft, engine.model.stride)
-    dataset = DecodedImages([item.path for _, item in work], preparer)
+    dataset = DecodedImages(work, PoolPlanner(preparer, scorer.configs, opts.seed))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=opts.workers, collate_fn=lambda x: x
     )
@@ -198,12 +243,12 @@ def score_images(
             pending, pending_views = [], 0
 
         for item in loader:
-            name, labelled = work[item["i"]]
+            name, _ = work[item["i"]]
             if "error" in item:
                 sink.write(json.dumps({"file": name, "skipped": item["error"]}) + "\n")
                 bar.update(1)
                 continue
-            planned = scorer.plan(name, labelled.target, item["image"])
+            planned = item["planned"]
             pending.append(planned)
             pending_views += len(planned.views)
             if pending_views >= threshold:

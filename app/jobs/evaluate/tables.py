@@ -40,6 +40,9 @@ class Row:
     top5: float
     mean_views: float
     paired: Paired | None  # None for the baseline itself
+    view_equivalents: float = math.nan  # compute per image: pixels / one input-size view
+    gflops: float = math.nan  # per image, from a FLOP counter
+    ms_per_image: float = math.nan  # measured alone on the serving path (--time-images)
 
 
 def bootstrap_diff_ci(
@@ -85,9 +88,9 @@ def _signed(x: float) -> str:
 
 def markdown_table(rows: Sequence[Row], baseline: str) -> str:
     head = (
-        "| config | views/img | top-1 % | top-5 % | Δ top-1 vs "
-        f"{baseline} (95 % CI) | fixed | broken | McNemar p |\n"
-        "|---|---:|---:|---:|---|---:|---:|---:|\n"
+        "| config | views/img | view-eq/img | GFLOPs/img | ms/img | top-1 % | top-5 % | "
+        f"Δ top-1 vs {baseline} (95 % CI) | fixed | broken | McNemar p |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -99,14 +102,20 @@ def markdown_table(rows: Sequence[Row], baseline: str) -> str:
                 f"{_signed(p.diff)} ({_signed(p.ci_low)} .. {_signed(p.ci_high)}) | "
                 f"{p.fixed} | {p.broken} | {p.mcnemar_p:.3g}"
             )
+        cost = f"{r.view_equivalents:.2f} | {r.gflops:.2f} | {r.ms_per_image:.1f}"
         lines.append(
-            f"| `{r.config}` | {r.mean_views:.1f} | {_pct(r.top1)} | {_pct(r.top5)} | {extra} |"
+            f"| `{r.config}` | {r.mean_views:.1f} | {cost.replace('nan', '–')} | "
+            f"{_pct(r.top1)} | {_pct(r.top5)} | {extra} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
 def rows_to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]
+    """Rows as JSON values; a number that was not measured (NaN) is null."""
+    return [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()}
+        for r in rows
+    ]
 
 
 def csv_table(rows: Sequence[Row]) -> str:
@@ -126,6 +135,9 @@ def csv_table(rows: Sequence[Row]) -> str:
             "fixed",
             "broken",
             "mcnemar_p",
+            "view_equivalents",
+            "gflops",
+            "ms_per_image",
         ]  # fmt: skip
     )
     for r in rows:
@@ -144,6 +156,7 @@ def csv_table(rows: Sequence[Row]) -> str:
                 if p
                 else ["", "", "", "", "", ""]
             )
+            + [f"{r.view_equivalents:.4f}", f"{r.gflops:.4f}", f"{r.ms_per_image:.2f}"]
         )
     return buf.getvalue()
 

@@ -1,0 +1,123 @@
+"""What a view policy costs: FLOPs from a counter, measured milliseconds per image on the
+serving path, the accuracy-vs-compute Pareto front, and the best policy under a budget."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from app.jobs.evaluate.configs import EvalConfig
+from app.jobs.evaluate.tables import Row
+from app.model_config import ModelConfig, write_model_config
+from app.pipeline import ImagePipeline
+from app.repository import build_network
+from app.request import ClassifyRequest
+from app.tta.views import ViewSpec
+
+TIMING_ROUNDS = 3
+
+
+class FlopCounter:
+    """GFLOPs of one view of a given shape, counted once per shape on the plain network
+    (the inference rewrites change no multiply-add count, and fused oneDNN ops are opaque
+    to the counter)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.gflops = lru_cache(maxsize=None)(self._count)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        if not hasattr(self, "_network"):
+            self._network = build_network(self.cfg).eval()
+        return self._network
+
+    def _count(self, shape: tuple[int, int]) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            self.network(torch.zeros(1, 3, *shape))
+        return counter.get_total_flops() / 1e9
+
+
+def time_configs(
+    pipeline: ImagePipeline, configs: Sequence[EvalConfig], photos: list[bytes]
+) -> dict[str, float]:
+    """Milliseconds per image of each config alone through the serving pipeline (decode to
+    answer, no batching across images), medians of interleaved rounds, so the machine's
+    drift falls on every config alike."""
+    rounds: dict[str, list[float]] = {c.name: [] for c in configs}
+    for _ in range(TIMING_ROUNDS):
+        for c in configs:
+            request = ClassifyRequest(c.spec or ViewSpec((), adaptive=True), c.level, 1, 0)
+            t0 = time.perf_counter()
+            for data in photos:
+                pipeline.classify(data, request)
+            rounds[c.name].append(1000.0 * (time.perf_counter() - t0) / len(photos))
+    return {name: statistics.median(ms) for name, ms in rounds.items()}
+
+
+def pareto_front(rows: Sequence[Row]) -> list[Row]:
+    """Rows no other row beats on both top-1 and GFLOPs per image, cheapest first."""
+    front = [
+        r
+        for r in rows
+        if not any(
+            (o.top1 >= r.top1 and o.gflops <= r.gflops) and (o.top1 > r.top1 or o.gflops < r.gflops)
+            for o in rows
+        )
+    ]
+    return sorted(front, key=lambda r: r.gflops)
+
+
+def best_under_budget(rows: Sequence[Row], budget: float) -> Row | None:
+    """The most accurate row at most ``budget`` view-equivalents per image (the cheaper on
+    a tie); ``auto`` rows are left out, since they are what is being chosen."""
+    fits = [r for r in rows if r.view_equivalents <= budget and not r.config.startswith("auto")]
+    return max(fits, key=lambda r: (r.top1, -r.gflops), default=None)
+
+
+def write_policy(cfg: ModelConfig, row: Row) -> ModelConfig:
+    """Make ``row``'s views what ``views=auto`` serves for this model (model.toml)."""
+    spec = row.config.rpartition("@")[0]
+    out = cfg.with_changes(auto_views=spec)
+    assert cfg.folder is not None
+    write_model_config(out, cfg.folder)
+    return out
+
+
+def plot_policies(rows: Sequence[Row], title: str, path: Path) -> None:
+    """Top-1 against GFLOPs per image, every config labelled, the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in rows:
+        err = None
+        if r.paired is not None:  # the paired 95 % CI of the difference, around this top-1
+            err = [
+                [100 * (r.paired.diff - r.paired.ci_low)],
+                [100 * (r.paired.ci_high - r.paired.diff)],
+            ]
+        ax.errorbar(r.gflops, 100 * r.top1, yerr=err, fmt="o", color="tab:blue", capsize=3)
+        ax.annotate(r.config.rpartition("@")[0], (r.gflops, 100 * r.top1), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    front = pareto_front(rows)
+    ax.plot([r.gflops for r in front], [100 * r.top1 for r in front], "-", color="tab:orange",
+            label="Pareto front")  # fmt: skip
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
