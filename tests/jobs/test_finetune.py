@@ -182,6 +182,24 @@ def test_bn_only_changes_running_statistics_only(repo: Path, tmp_path: Path) -> 
     assert result.images == 12 and result.cfg.provenance["job"] == "bn-only"
 
 
+def test_bn_set_adds_the_statistics_to_the_model_for_its_resolution(
+    repo: Path, tmp_path: Path
+) -> None:
+    """--bn-only --bn-set: no new entry; the source lists a set its 96 px views run with."""
+    flat = tmp_path / "unlabelled"
+    make_image_folder(flat, classes=2, per_class=4, seed=5)
+    entries = sorted(p.name for p in repo.iterdir())
+    result = run_finetune(options(repo, flat, bn_only=True, bn_set=True, batch_size=4))
+    assert sorted(p.name for p in repo.iterdir()) == entries  # no new model entry
+    assert result.cfg.bn_sets == {TEST_SIZE: f"bn/{TEST_SIZE}.safetensors"}
+    engine = Engine(ModelRepository(repo).load("tiny", "cpu"), FLOAT32)
+    assert engine.bn_sets == [TEST_SIZE]
+    with pytest.raises(InvalidRequestError, match="own input size"):
+        run_finetune(options(repo, flat, bn_only=True, bn_set=True, test_size=64))
+    with pytest.raises(InvalidRequestError, match="needs --bn-only"):
+        run_finetune(options(repo, flat, bn_set=True))
+
+
 def test_flat_folder_with_val_txt_trains_and_validates(
     repo: Path, data: Path, tmp_path: Path
 ) -> None:

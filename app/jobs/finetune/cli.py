@@ -45,6 +45,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         train=args.train,
         label_smoothing=args.label_smoothing,
         bn_only=args.bn_only,
+        bn_set=args.bn_set,
         class_order=args.class_order,
         resume=args.resume,
         checkpoint_dir=args.checkpoint_dir,
@@ -112,6 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--bn-only", action="store_true", help="label-free BN recalibration only")
+    p.add_argument(
+        "--bn-set",
+        action="store_true",
+        help="with --bn-only: add the statistics to the model itself, as the set its views "
+        "at --test-size run with, instead of writing a new entry",
+    )
     add_class_order_arg(p)
     p.add_argument("--out", default=None, help="new model name (default <model>_fixres<size>)")
     add_engine_args(p, dtype=False)  # training picks its precision: bf16 autocast on GPUs

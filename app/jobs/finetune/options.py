@@ -39,6 +39,7 @@ class FinetuneOptions:
     train: str = DEFAULT_TRAIN
     label_smoothing: float = 0.0
     bn_only: bool = False
+    bn_set: bool = False  # with bn_only: add the statistics to the source as a per-resolution set
     class_order: ClassOrder = "ids"
     resume: bool = False
     checkpoint_dir: Path | None = None  # None: <out folder>/checkpoints

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from app.bn_sets import write_bn_set
 from app.config import Settings
 from app.errors import InvalidRequestError
 from app.jobs.datasets import read_labelled_folder, scan_unlabelled
@@ -40,6 +41,8 @@ def check_options(opts: FinetuneOptions, world: int) -> None:
             f"--batch-size {opts.batch_size} must be a positive multiple of the process "
             f"count {world}"
         )
+    if opts.bn_set and not opts.bn_only:
+        raise InvalidRequestError("--bn-set writes re-estimated statistics: it needs --bn-only")
     if opts.epochs < 1 and not opts.bn_only:
         raise InvalidRequestError("--epochs must be at least 1")
     if not 0.0 <= opts.label_smoothing < 1.0:
@@ -57,8 +60,17 @@ def finetune_in(opts: FinetuneOptions, ctx: DistContext) -> FinetuneResult:
     labels = load_labels(source.labels, source.num_classes, source.folder)
     size = opts.test_size or source.input_size
     out_name = opts.out or f"{source.name}_{'bn' if opts.bn_only else 'fixres'}{size}"
-    folder = check_output(root, out_name, opts.force, opts.resume)
     check_options(opts, ctx.world)
+    if opts.bn_set and size == source.input_size:
+        raise InvalidRequestError(
+            f"--bn-set at {size}px: that is {source.name}'s own input size and statistics"
+        )
+    # a batch-norm set goes into the source's own folder; anything else is a new entry
+    folder = (
+        source.folder
+        if opts.bn_set and source.folder
+        else check_output(root, out_name, opts.force, opts.resume)
+    )
     network = load_network(source)
     check_test_size(size, network, source.arch)
     target = source.with_changes(input_size=size)  # resize_size scales: crop_pct is unchanged
@@ -123,7 +135,9 @@ def finetune_in(opts: FinetuneOptions, ctx: DistContext) -> FinetuneResult:
         description=f"{source.name}, {what}",
         provenance=settings,
     )
-    if ctx.is_main:
+    if ctx.is_main and opts.bn_set:
+        result.cfg = write_bn_set(source, network, size)
+    elif ctx.is_main:
         result.cfg = write_model_entry(network, out_cfg, source, folder)
     ctx.barrier()
     return result
