@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     p.add_argument("--views", type=int, default=10, help="crop count (default policy)")
     p.add_argument("--views-spec", default=None, help="explicit view mix instead of --views")
+    p.add_argument("--full-spec", default="full@288,mfull@288",
+                   help="the whole-image policy measured beside the crops")  # fmt: skip
     p.add_argument("--level", default="softmax", choices=list(LEVELS))
     p.add_argument("--chunk-views", type=int, default=0, help="0 = the best measured chunk")
     p.add_argument("--threads", type=int, default=0)

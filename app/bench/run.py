@@ -15,7 +15,13 @@ import torch
 
 from app.bench.roofline import gemm_gflops, model_gflops_per_view
 from app.bench.server_load import HttpRound, http_load, start_server, summarize_rounds
-from app.bench.timing import dtype_agreement, engine_throughput, naive_throughput, raw_forward
+from app.bench.timing import (
+    dtype_agreement,
+    engine_throughput,
+    naive_throughput,
+    policy_throughput,
+    raw_forward,
+)
 from app.cli_args import settings_from_args
 from app.engine import Engine, pick_device
 from app.options import EngineOptions
@@ -118,6 +124,25 @@ def pipeline_phase(args: argparse.Namespace, model: LoadedModel, engine: Engine,
     return served
 
 
+def policy_phase(args: argparse.Namespace, engine: Engine, images: list[bytes],
+                 spec: ViewSpec, out: dict[str, Any]) -> None:  # fmt: skip
+    """The crop policy against a whole-image one (``--full-spec``) through the same engine,
+    in interleaved rounds: images/s and view-equivalents/s (pixels / one input-size view)."""
+    policies = {"crops": spec, "full": parse_view_spec(args.full_spec)}
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in policies}
+    for _ in range(ROUNDS):
+        for key, policy in policies.items():
+            runs[key].append(
+                policy_throughput(engine, images, policy, args.level, args.duration / ROUNDS)
+            )
+    for key, policy in policies.items():
+        out[f"policy_{key}"] = {
+            "spec": str(policy),
+            "images_per_s": round(statistics.median(r[0] for r in runs[key]), 2),
+            "view_equivalents_per_s": round(statistics.median(r[1] for r in runs[key]), 2),
+        }
+
+
 def dtype_phase(args: argparse.Namespace, model: LoadedModel, served: EngineOptions,
                 images: list[bytes], spec: ViewSpec, out: dict[str, Any]) -> None:  # fmt: skip
     """What a faster dtype buys (throughput) and costs (agreement with float32)."""
@@ -187,6 +212,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         out["compile_warmup_s"] = time.perf_counter() - t0
         out["raw_forward_views_per_s"] = raw_forward(engine, engine.chunk_views, d)
     served = pipeline_phase(args, model, engine, options, images, spec, out)
+    policy_phase(args, engine, images, spec, out)
     dtype_phase(args, model, served, images, spec, out)
     if not args.no_http:
         http_phase(args, settings.models_dir, engine, images, spec, out)

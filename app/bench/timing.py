@@ -57,6 +57,25 @@ def engine_throughput(engine: Engine, images: list[bytes], spec: ViewSpec, level
     return timed_loop(one, duration_s)
 
 
+def policy_throughput(engine: Engine, images: list[bytes], spec: ViewSpec, level: str,
+                      duration_s: float) -> tuple[float, float]:  # fmt: skip
+    """(images/s, view-equivalents/s) of the served pipeline for one view policy: policies
+    whose views differ in size compare by images and by pixels, not by view count."""
+    pipeline = ImagePipeline(engine)
+    calls, compute = 0, 0.0
+
+    def one() -> int:
+        nonlocal calls, compute
+        data = images[calls % len(images)]
+        calls += 1
+        request = ClassifyRequest(spec, check_level(level), top_k=5, seed=calls)
+        compute += pipeline.preparer.view_equivalents(pipeline.classify(data, request).views)
+        return 1
+
+    images_per_s = timed_loop(one, duration_s)
+    return images_per_s, images_per_s * compute / calls  # x mean compute per image
+
+
 def naive_throughput(model: LoadedModel, images: list[bytes], views: int,
                      duration_s: float) -> float:  # fmt: skip
     """What a user writes with torchvision / ttach habits: per view a PIL crop, ToTensor,

@@ -44,6 +44,8 @@ def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
         "4",
         "--threads",
         "1",
+        "--full-spec",
+        "full@96,mfull@96",
     )
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
@@ -54,5 +56,10 @@ def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
         abs(result["efficiency"] * result["bound_views_per_s"] - result["engine_views_per_s"])
         < 1e-2 * result["engine_views_per_s"] + 1e-3
     )
+    # a crop policy and a whole-image one, by images and by pixels
+    crops, full = result["policy_crops"], result["policy_full"]
+    assert crops["spec"] == result["spec"] and full["spec"] == "full@96:1,mfull@96:1"
+    assert crops["view_equivalents_per_s"] == pytest.approx(4 * crops["images_per_s"], rel=0.01)
+    assert full["view_equivalents_per_s"] > 2 * full["images_per_s"] > 0  # 96 px > 64 px views
     agreement = result.get("agreement_vs_float32") or result["bfloat16_agreement"]
     assert 0.0 <= agreement["top1_agreement"] <= 1.0
