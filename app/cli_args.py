@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.jobs.datasets import CLASS_ORDERS
 from app.options import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -53,10 +52,3 @@ def add_job_parser(sub: argparse._SubParsersAction, name: str, summary: str, doc
     return sub.add_parser(
         name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-
-
-def add_class_order_arg(p: argparse.ArgumentParser) -> None:
-    """How class folders map to the model's classes, for every job that reads them."""
-    p.add_argument("--class-order", default="ids", choices=CLASS_ORDERS,
-                   help="class folders: ids = named by label id/synset/index; "
-                   "sorted = the i-th folder is class i")  # fmt: skip

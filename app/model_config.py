@@ -15,7 +15,7 @@ from typing import Any, Literal
 import tomli_w
 
 from app.errors import InvalidRequestError, ModelConfigError
-from app.request import LEVELS
+from app.tta.levels import LEVELS
 from app.tta.views import parse_view_spec
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]

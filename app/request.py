@@ -6,20 +6,12 @@ No torch in here, so parsing request parameters never pulls in the network code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from app.errors import InvalidRequestError
+from app.tta.levels import LEVELS, Level, check_level
 from app.tta.views import ViewSpec
 
-Level = Literal["feature", "logit", "softmax"]
-LEVELS: tuple[Level, ...] = ("feature", "logit", "softmax")
-
-
-def check_level(level: str) -> Level:
-    for known in LEVELS:
-        if level == known:
-            return known
-    raise InvalidRequestError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+__all__ = ["LEVELS", "ClassifyRequest", "Level", "check_level"]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from app.request import Level
+from app.tta.levels import Level
 
 
 def average_probabilities(

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import app.jobs.evaluate as job
 from app.cli_args import (
-    add_class_order_arg,
     add_engine_args,
     add_job_parser,
     add_model_arg,
     settings_from_args,
 )
 from app.errors import InvalidRequestError
+from app.jobs.args import add_class_order_arg
 from app.jobs.evaluate.configs import PRESETS, EvalOptions, parse_configs, parse_sweep
 from app.request import LEVELS
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import app.jobs.finetune as job
 from app.cli_args import (
-    add_class_order_arg,
     add_engine_args,
     add_job_parser,
     settings_from_args,
 )
 from app.errors import InvalidRequestError
+from app.jobs.args import add_class_order_arg
 from app.jobs.finetune.options import AUGMENTS, DEFAULT_TRAIN, FinetuneOptions, FinetuneResult
 
 
