@@ -86,7 +86,8 @@ class Prediction:
 
 
 class ImagePreparer:
-    """Bytes -> the one normalised image every view is cut from, and its views.
+    """Bytes -> the decoded image, resized once per resolution its views ask for, and the
+    views cut from those tensors, grouped by shape.
 
     CPU bound and thread-safe (the server runs it off the event loop); holds no network,
     so evaluation's DataLoader workers can carry it."""
