@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -51,6 +51,11 @@ def _service(request: Request) -> ClassifyService:
 
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+# typed dependencies: what a route needs is in its signature
+ServiceDep = Annotated[ClassifyService, Depends(_service)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 def require_token(request: Request) -> None:
@@ -119,9 +124,10 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 408, 413, 415, 4
     dependencies=[Depends(require_token)],
     summary="Classify images with matched test-time views",
 )
-async def classify(model: str, request: Request) -> Response:
+async def classify(
+    model: str, request: Request, service: ServiceDep, settings: SettingsDep
+) -> Response:
     started = time.perf_counter()
-    service, settings = _service(request), _settings(request)
     slot = service.slot(model)
     pipeline, _ = slot.ready()
     engine = pipeline.engine
@@ -246,8 +252,7 @@ def _safe_model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut | Non
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_token)])
-async def list_models(request: Request) -> ModelList:
-    service = _service(request)
+async def list_models(service: ServiceDep) -> ModelList:
     outs = [_safe_model_out(service, slot) for slot in service.slots.values()]
     return ModelList(models=[m for m in outs if m is not None])
 
@@ -258,8 +263,7 @@ async def list_models(request: Request) -> ModelList:
     responses={404: {"model": ErrorResponse}},
     dependencies=[Depends(require_token)],
 )
-async def get_model(model: str, request: Request) -> ModelOut:
-    service = _service(request)
+async def get_model(model: str, service: ServiceDep) -> ModelOut:
     return _model_out(service, service.slot(model))
 
 
@@ -275,9 +279,8 @@ async def healthz() -> dict[str, str]:
     responses={503: {"model": Readiness}},
     dependencies=[Depends(require_token_unless_open)],
 )
-async def readyz(request: Request) -> Response:
+async def readyz(service: ServiceDep) -> Response:
     """Ready: every configured model is loaded and warmed up; 503 names the ones that are not."""
-    service = _service(request)
     models = {
         name: {"state": slot.state, **({"error": slot.error} if slot.error else {})}
         for name, slot in service.slots.items()
@@ -287,8 +290,7 @@ async def readyz(request: Request) -> Response:
 
 
 @probes.get("/metrics", dependencies=[Depends(require_token_unless_open)])
-async def metrics(request: Request) -> Response:
-    service = _service(request)
+async def metrics(service: ServiceDep) -> Response:
     service.refresh_eval_metrics()
     registry = service.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
