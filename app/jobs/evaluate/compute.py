@@ -99,17 +99,18 @@ def plot_policies(rows: Sequence[Row], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for n, r in enumerate(sorted(rows, key=lambda r: (r.gflops, r.top1))):
         err = None
         if r.paired is not None:  # the paired 95 % CI of the difference, around this top-1
-            err = [
-                [100 * (r.paired.diff - r.paired.ci_low)],
-                [100 * (r.paired.ci_high - r.paired.diff)],
-            ]
-        ax.errorbar(r.gflops, 100 * r.top1, yerr=err, fmt="o", color="tab:blue", capsize=3)
-        ax.annotate(r.config.rpartition("@")[0], (r.gflops, 100 * r.top1), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+            low, high = r.paired.diff - r.paired.ci_low, r.paired.ci_high - r.paired.diff
+            err = [[100 * low], [100 * high]]
+        label = "top-1; bar: paired 95 % CI of the gain over center" if n == 0 else None
+        ax.errorbar(r.gflops, 100 * r.top1, yerr=err, fmt="o", color="tab:blue", capsize=3,
+                    label=label)  # fmt: skip
+        name = r.config.rpartition("@")[0].replace(":1", "")
+        ax.annotate(name, (r.gflops, 100 * r.top1), fontsize=7, textcoords="offset points",
+                    xytext=(5, 4 if n % 2 else -10))  # fmt: skip
     front = pareto_front(rows)
     ax.plot([r.gflops for r in front], [100 * r.top1 for r in front], "-", color="tab:orange",
             label="Pareto front")  # fmt: skip
