@@ -129,10 +129,12 @@ class ViewBatcher:
         max_queue_views: int,
         metrics: Metrics | None = None,
         workers: int = 1,
+        threads: int = 0,
         view_pixels: int = 0,
     ) -> None:
         """``view_pixels``: the pixels of one view at the model's input size, the unit of
-        batch and queue sizes (0: every view counts as one, whatever its shape)."""
+        batch and queue sizes (0: every view counts as one, whatever its shape).
+        ``threads``: torch intra-op threads on each forward thread (0: as the process)."""
         if max_batch_views < 1 or max_queue_views < 1:
             raise ValueError("max_batch_views and max_queue_views must be positive")
         self.model_name = model_name
@@ -150,7 +152,9 @@ class ViewBatcher:
         # waits when a decode thread or the event loop takes a core for a moment).
         self.workers = max(1, workers)
         self._executor = ThreadPoolExecutor(
-            self.workers, thread_name_prefix=f"forward-{model_name}"
+            self.workers,
+            thread_name_prefix=f"forward-{model_name}",
+            initializer=(lambda: torch.set_num_threads(threads)) if threads > 0 else None,
         )
         self._free_workers = asyncio.Semaphore(self.workers)
         self._idle_workers = self.workers

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.options import DtypeName
+from app.options import BackendName, DtypeName
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
 
@@ -32,12 +32,18 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: DtypeName = "auto"  # auto (bfloat16 on CPUs with native bf16, else float32) | ...
     chunk_views: int = 0  # views per forward chunk; 0 = per-device default
-    compile: bool = False  # torch.compile the forward (slower start-up, faster forwards)
+    compile: bool | None = None  # torch.compile the forward; unset: tuned (off unless budget)
     fuse: bool = True  # fold batch norms, static SAME padding (app/fusion.py); checked at load
     jpeg_draft: bool = False  # decode large JPEGs at reduced scale (bench/jpeg_draft.py)
     threads: int = 0  # torch intra-op threads per forward; 0 = cores / forward_workers
     forward_workers: int = 0  # forwards running at once; 0 = 2 on a CPU with 2+ cores, else 1
     warmup: bool = True
+    # tuning at load (app/tuning.py): each of dtype, chunk_views, forward_workers, threads,
+    # compile and backend set above is kept; the others are timed on this machine
+    tune: bool = True
+    tune_seconds: float = Field(default=5.0, ge=0)  # timing budget per model
+    tune_cache_dir: Path | None = None  # default ~/.cache/midserve/tuning
+    backend: BackendName = "auto"  # auto | torch | openvino (pip install 'midserve[openvino]')
 
     # request limits
     max_body_bytes: int = 20 * 1024 * 1024

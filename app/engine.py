@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from app.bn_sets import nearest_resolution, with_bn_set
 from app.errors import InvalidRequestError
 from app.fusion import FusionReport, fuse_for_inference
 from app.model_config import ModelConfig
-from app.options import EngineOptions
+from app.options import EngineOptions, ForwardPlan, cpu_has_native_bf16
 from app.repository import LoadedModel, ModelRepository
 from app.request import Level
 from app.schemas import TopClass
@@ -29,25 +30,8 @@ from app.tta.preprocess import ViewGroup
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: bfloat16 convolutions run natively (oneDNN), not emulated."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(requested: str, device: torch.device) -> str:
-    """``auto``: bfloat16 on CPUs with native bf16 (measured: same top-1 as float32 on all
-    100 sample photos at 1 and 10 views, max probability difference 0.04), float32
-    elsewhere; an explicit dtype is kept."""
-    if requested != "auto":
-        return requested
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bfloat16"
-    return "float32"
+__all__ = ["DTYPES", "Engine", "ViewOutputs", "cpu_has_native_bf16", "load_engine"]
+log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -78,14 +62,22 @@ class ViewOutputs:
 
 
 class Engine:
-    """One model on one device, built from ``EngineOptions``."""
+    """One model on one device, built from ``EngineOptions`` and run by a ``ForwardPlan``
+    (the options' defaults, or the plan the tuner chose for this machine)."""
 
-    def __init__(self, model: LoadedModel, options: EngineOptions | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        options: EngineOptions | None = None,
+        plan: ForwardPlan | None = None,
+    ) -> None:
         options = options or EngineOptions()
-        dtype = resolve_dtype(options.dtype, model.device)
+        plan = plan or options.forward_plan(model.device.type)
+        dtype = plan.dtype
         if dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be auto or one of {', '.join(DTYPES)}")
         self.options = options
+        self.tuning: Any = None  # the TuningReport when the plan was tuned (app/tuning.py)
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         # one network per batch-norm set (the model's own at its input size): views run with
@@ -98,7 +90,15 @@ class Engine:
         # end-to-end throughput on CPU (app/fusion.py, `midserve bench` fusion_speedup); the
         # caller's network is left as it is (fine-tuning trains its batch norms)
         self.fusion: FusionReport | None = None
-        if options.fuse:
+        # another runtime runs the whole forward (app/backends.py); torch keeps the head
+        self._backend: Any = None
+        if plan.backend != "torch":
+            from app.backends import build_backend
+
+            self._backend = build_backend(model, plan, len(networks) > 1, options)
+            if self._backend is None:
+                plan = dataclasses.replace(plan, backend="torch")
+        if options.fuse and self._backend is None:
             for size, network in networks.items():
                 networks[size], report = fuse_for_inference(network, size, self.dtype)
                 if size == model.cfg.input_size:
@@ -108,12 +108,21 @@ class Engine:
         }
         self.model = self.variants[model.cfg.input_size]
         self.device = model.device
-        self.chunk_views = options.forward_plan(self.device.type).chunk_views
+        self.plan = plan
+        self.chunk_views = plan.chunk_views
         # torch.compile'd forward (opt-in): one static shape, so partial chunks are padded
         # to chunk_views and compiled once, at warm-up rather than on a request.
-        self._compiled: Any = (
-            torch.compile(self._forward, dynamic=False) if options.compile else None
+        compiled = plan.compile and self._backend is None
+        self._compiled: Any = torch.compile(self._forward, dynamic=False) if compiled else None
+
+    def apply(self, plan: ForwardPlan) -> None:
+        """Run by another plan of the same numeric path (workers, threads, chunk size)."""
+        if self._backend is not None:
+            self._backend.configure(plan.workers, plan.threads)
+        self.plan = dataclasses.replace(
+            plan, dtype=self.dtype_name, backend=self.plan.backend, compile=self.plan.compile
         )
+        self.chunk_views = plan.chunk_views
 
     @property
     def cfg(self) -> ModelConfig:
@@ -126,7 +135,7 @@ class Engine:
 
     # -- the forward pass -------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 or self._backend is not None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
@@ -164,8 +173,11 @@ class Engine:
                 if compiled is not None and n < self.chunk_views:
                     pad = x.new_zeros((self.chunk_views - n, *x.shape[1:]))
                     x = torch.cat([x, pad])
-                x = x.contiguous(memory_format=torch.channels_last)
-                f, out = (compiled or self._forward)(x)
+                if self._backend is not None:
+                    f, out = self._backend(x)
+                else:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    f, out = (compiled or self._forward)(x)
                 feats.append(f[:n].float())
                 logits.append(out[:n].float())
         return ViewOutputs(torch.cat(feats), torch.cat(logits))
@@ -197,5 +209,11 @@ class Engine:
 
 
 def load_engine(repository: ModelRepository, name: str, options: EngineOptions) -> Engine:
-    """The one way a served, evaluated or benchmarked model becomes an engine."""
-    return Engine(repository.load(name, pick_device(options.device)), options)
+    """The one way a served, evaluated or benchmarked model becomes an engine: tuned for
+    this machine when ``options.tune`` (app/tuning.py), else by the options' defaults."""
+    model = repository.load(name, pick_device(options.device))
+    if options.tune:
+        from app.tuning import tuned_engine
+
+        return tuned_engine(model, options)
+    return Engine(model, options)

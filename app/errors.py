@@ -77,3 +77,7 @@ class DataError(MidserveError):
 
 class EvalResultsError(MidserveError):
     """An evaluation results file (eval.json, records) that cannot be read or does not match."""
+
+
+class BackendUnavailableError(MidserveError):
+    """A runtime backend that is not installed here, or that could not convert a model."""
