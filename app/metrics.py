@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from app.options import ForwardPlan
+    from app.tuning_report import TuningReport
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -152,8 +157,34 @@ class Metrics:
             "midserve_eval_images", "Images in the offline evaluation",
             ["model", "config", "dataset"], registry=r,
         )  # fmt: skip
+        self.forward_plan = Gauge(
+            "midserve_forward_plan_info",
+            "How the model's forwards run (value 1); tuned at load unless settings force it",
+            ["model", "backend", "dtype", "compile", "workers", "threads", "chunk_views",
+             "source"], registry=r,
+        )  # fmt: skip
+        self.tuning_views_per_s = Gauge(
+            "midserve_tuning_views_per_second",
+            "Raw forward throughput of each plan timed at load (the chosen one: chosen=1)",
+            ["model", "plan", "chosen"], registry=r,
+        )  # fmt: skip
         r.register(_CudaMemoryCollector())
         self.policy_label = _CappedLabel()
+
+    def observe_plan(self, model: str, p: ForwardPlan, t: TuningReport | None) -> None:
+        """The served plan, and what tuning measured."""
+        source = t.source if t is not None else "settings"
+        self.forward_plan.labels(model, p.backend, p.dtype, str(p.compile).lower(),
+                                 str(p.workers), str(p.threads), str(p.chunk_views),
+                                 source).set(1)  # fmt: skip
+        if t is None:
+            return
+        for trial in t.trials:
+            if trial.views_per_s:
+                chosen = "1" if trial.plan == t.chosen else "0"
+                self.tuning_views_per_s.labels(model, trial.plan.describe(), chosen).set(
+                    trial.views_per_s
+                )
 
     def observe_accuracy(
         self, model: str, level: str, policy: str, label: int, ranked: Iterable[int]

@@ -51,6 +51,31 @@ class ErrorResponse(BaseModel):
     results: list[ImageResult] | None = None
 
 
+class TuningTrialOut(BaseModel):
+    plan: str
+    backend: str
+    dtype: str
+    compile: bool
+    workers: int
+    threads: int
+    chunk_views: int
+    views_per_s: float | None = None
+    max_prob_diff: float | None = Field(default=None, description="vs the plain float32 network")
+    top1_agreement: float | None = None
+    status: str
+    default: bool = False
+    chosen: bool = False
+
+
+class TuningOut(BaseModel):
+    source: str = Field(description="tuned (measured at this load) or cached (on disk)")
+    seconds: float
+    budget_s: float
+    chosen: str
+    default: str = Field(description="the plan served without tuning")
+    candidates: list[TuningTrialOut]
+
+
 class ModelOut(BaseModel):
     name: str
     state: str
@@ -74,6 +99,8 @@ class ModelOut(BaseModel):
     bn_sets: list[int] = Field(
         default_factory=list, description="resolutions with their own batch-norm statistics"
     )
+    plan: str | None = Field(default=None, description="how forwards run (app/tuning.py)")
+    tuning: TuningOut | None = None
     limits: dict[str, float]
 
 

@@ -100,7 +100,8 @@ class ClassifyService:
                 max_wait_s=s.max_wait_ms / 1000.0,
                 max_queue_views=max(s.max_queue_views, 1),
                 metrics=self.metrics,
-                workers=self.forward_plan.workers,
+                workers=engine.plan.workers,
+                threads=engine.plan.threads if engine.device.type == "cpu" else 0,
                 view_pixels=engine.cfg.input_size**2,
             )
             batcher.start()
@@ -110,8 +111,9 @@ class ClassifyService:
                 slot.name, cfg.arch, str(cfg.input_size), str(cfg.crop_pct),
                 cfg.weights.describe(), str(engine.device), engine.dtype_name,
             ).set(1)  # fmt: skip
+            self.metrics.observe_plan(slot.name, engine.plan, engine.tuning)
             self.metrics.model_ready.labels(slot.name).set(1)
-            log.info("model %s ready on %s", slot.name, engine.device)
+            log.info("model %s ready on %s: %s", slot.name, engine.device, engine.plan.describe())
 
     def _load_and_warm(self, name: str) -> ImagePipeline:
         engine = load_engine(self.repository, name, self.options)

@@ -232,6 +232,8 @@ def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
         dtype=engine.dtype_name if engine else None,
         fusion=engine.fusion.describe() if engine and engine.fusion else None,
         bn_sets=engine.bn_sets if engine else sorted(cfg.bn_sets),
+        plan=engine.plan.describe() if engine else None,
+        tuning=engine.tuning.to_schema() if engine and engine.tuning else None,
         limits={
             "max_views_per_request": s.max_views_per_request,
             "max_images_per_request": s.max_images_per_request,
