@@ -15,7 +15,7 @@ $(PY):
 
 # Reinstall only when the project's metadata changes.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[dev,lite]'
+	$(PY) -m pip install -e '.[dev,lite,openvino]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from app.repository import ModelRepository
 from tests.helpers import FLOAT32, SAMPLES_MISSING, make_tiny_model, sample_files
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Settings built in the suite (in-process apps, CLI subprocesses) load models untuned unless
+# a test asks for tuning: start-up stays fast and results do not depend on timings.
+os.environ.setdefault("MIDSERVE_TUNE", "false")
 
 
 @pytest.fixture(scope="session")

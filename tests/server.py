@@ -57,6 +57,8 @@ def server_process(
         "MIDSERVE_THREADS": "1",
         # exact comparisons with the in-process float32 engine; bf16 is tested on its own
         "MIDSERVE_DTYPE": "float32",
+        # no timing at load: fast, deterministic start-up (tests/unit/test_tuning.py tunes)
+        "MIDSERVE_TUNE": "false",
         **(env or {}),
     }
     cmd = [

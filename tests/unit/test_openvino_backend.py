@@ -1,0 +1,38 @@
+"""The OpenVINO backend on the tiny real model: same outputs as torch, any view shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import Engine
+from app.options import EngineOptions
+from app.repository import ModelRepository
+from app.tuning import probe_batch, reference_outputs
+from app.tuning_report import agreement
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None,
+    reason="openvino is not installed (pip install -e '.[openvino]')",
+)
+
+
+def test_openvino_float32_matches_torch_at_any_shape(tiny_repo: Path, tmp_path: Path) -> None:
+    model = ModelRepository(tiny_repo).load("tiny", "cpu")
+    options = EngineOptions(dtype="float32", tune_cache_dir=str(tmp_path))
+    plan = dataclasses.replace(options.forward_plan("cpu"), backend="openvino")
+    engine = Engine(model, options, plan)
+    assert engine.plan.backend == "openvino" and engine.fusion is None
+    probes = probe_batch(model.cfg.input_size)
+    _, top1, ok = agreement(reference_outputs(model, probes), engine.run_views(probes))
+    assert ok and top1 == 1.0
+    wide = torch.randn(3, 3, 64, 96)  # a whole-image view: another shape, no new conversion
+    out, ref = engine.run_views(wide), reference_outputs(model, wide)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-3)
+    assert list(tmp_path.glob("openvino/*.xml"))  # converted once, kept for the next load
+    again = Engine(model, options, plan)
+    assert torch.allclose(again.run_views(wide).logits, out.logits)
