@@ -35,7 +35,7 @@ class EngineSettings(Protocol):
     device: str
     dtype: DtypeName
     chunk_views: int
-    compile: bool
+    compile: bool | None
     fuse: bool
     jpeg_draft: bool
     threads: int
@@ -43,6 +43,10 @@ class EngineSettings(Protocol):
     warmup: bool
     max_pixels: int
     max_aspect_ratio: float
+    backend: BackendName
+    tune: bool
+    tune_seconds: float
+    tune_cache_dir: Any
 
 
 @dataclass(frozen=True)

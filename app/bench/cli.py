@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from app.bench import SAMPLES
 from app.cli_args import add_engine_args, add_model_arg
@@ -48,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fuse", action="store_true", help="serve the network as loaded, "
                    "without folded batch norms and static padding")  # fmt: skip
     p.add_argument("--no-http", action="store_true", help="skip the HTTP measurements")
+    p.add_argument("--no-tune", action="store_true", help="skip the tuned engine")
+    p.add_argument("--tune-seconds", type=float, default=5.0, help="tuning budget")
+    p.add_argument("--tune-cache-dir", type=Path, default=None, help="default: the server's")
     p.add_argument(
         "--http-matrix",
         action="store_true",

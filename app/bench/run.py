@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from app.bench.plans import parallel_throughput, raw_by_backend, tuned, tuning_summary
 from app.bench.roofline import gemm_gflops, model_gflops_per_view
 from app.bench.server_load import HttpRound, http_load, start_server, summarize_rounds
 from app.bench.timing import (
@@ -90,9 +91,27 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
     out["http_overhead"] = 1.0 - c8["views_per_s"] / out["engine_views_per_s_beside_http"]
 
 
+def plans_phase(args: argparse.Namespace, model: LoadedModel, out: dict[str, Any]) -> Engine | None:
+    """Both GEMM ceilings, the network alone per backend and dtype, and the tuned engine."""
+    d = args.duration
+    if model.device.type == "cpu":  # bf16 paths are judged against the bf16 ceiling
+        out["gemm_gflops_bfloat16"] = gemm_gflops(d, model.device, torch.bfloat16)
+        out["bound_views_per_s_bfloat16"] = (
+            out["gemm_gflops_bfloat16"] / out["model_gflops_per_view"]
+        )
+    raw = raw_by_backend(model, 8, d)
+    out["raw_forward_by_backend"] = {k: round(v, 2) for k, v in raw.items()}
+    if args.no_tune:
+        return None
+    engine = tuned(model, args.tune_seconds, args.tune_cache_dir)
+    out.update(tuning_summary(engine))
+    return engine
+
+
 def pipeline_phase(args: argparse.Namespace, model: LoadedModel, engine: Engine,
                    options: EngineOptions, images: list[bytes], spec: ViewSpec,
-                   out: dict[str, Any]) -> EngineOptions:  # fmt: skip
+                   out: dict[str, Any], tuned_engine: Engine | None = None
+                   ) -> EngineOptions:  # fmt: skip
     """The served pipeline against the naive one and the unfused network; interleaved
     rounds, medians: the machine's speed drifts between one phase and the next.
     Returns the options the measured engine was built with."""
@@ -100,8 +119,12 @@ def pipeline_phase(args: argparse.Namespace, model: LoadedModel, engine: Engine,
     served = options.with_changes(dtype=engine.dtype_name, chunk_views=engine.chunk_views)
     # the same engine on the network as loaded: what the inference rewrites buy
     unfused = None if args.no_fuse else Engine(model, served.with_changes(fuse=False))
-    engine_runs, naive_runs, unfused_runs = [], [], []
+    engine_runs, naive_runs, unfused_runs, tuned_runs = [], [], [], []
     for _ in range(ROUNDS):
+        if tuned_engine is not None:  # served as tuned: plan.workers images at once
+            tuned_runs.append(
+                parallel_throughput(tuned_engine, images, spec, args.level, d / ROUNDS)
+            )
         engine_runs.append(engine_throughput(engine, images, spec, args.level, d / ROUNDS))
         naive_runs.append(naive_throughput(model, images, min(spec.total, 10), d / ROUNDS))
         if unfused is not None:
@@ -112,9 +135,15 @@ def pipeline_phase(args: argparse.Namespace, model: LoadedModel, engine: Engine,
         out["engine_unfused_views_per_s"] = statistics.median(unfused_runs)
         out["fusion_speedup"] = out["engine_views_per_s"] / out["engine_unfused_views_per_s"]
     out["efficiency"] = out["engine_views_per_s"] / out["bound_views_per_s"]
+    if tuned_runs:
+        out["tuned_engine_views_per_s"] = statistics.median(tuned_runs)
+        out["tuned_vs_naive"] = out["tuned_engine_views_per_s"] / out["naive_views_per_s"]
+        out["tuned_vs_fp32_bound"] = out["tuned_engine_views_per_s"] / out["bound_views_per_s"]
     if engine.dtype != torch.float32:
         # fp32 is not the ceiling of a bf16/fp16 forward: its own matmul rate is
-        gemm = gemm_gflops(d, engine.device, engine.dtype)
+        gemm = out.get(f"gemm_gflops_{engine.dtype_name}") or gemm_gflops(
+            d, engine.device, engine.dtype
+        )
         out[f"gemm_gflops_{engine.dtype_name}"] = gemm
         out[f"bound_views_per_s_{engine.dtype_name}"] = gemm / out["model_gflops_per_view"]
         out[f"efficiency_{engine.dtype_name}"] = (
@@ -198,6 +227,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out["model_gflops_per_view"] = model_gflops_per_view(model)
     out["bound_views_per_s"] = out["gemm_gflops"] / out["model_gflops_per_view"]
 
+    tuned_engine = plans_phase(args, model, out)
     engine = Engine(model, options)
     out["dtype"] = engine.dtype_name
     out["fusion"] = engine.fusion.describe() if engine.fusion else "off"
@@ -211,7 +241,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         engine.run_views(torch.zeros(engine.chunk_views, 3, size, size, device=device))
         out["compile_warmup_s"] = time.perf_counter() - t0
         out["raw_forward_views_per_s"] = raw_forward(engine, engine.chunk_views, d)
-    served = pipeline_phase(args, model, engine, options, images, spec, out)
+    served = pipeline_phase(args, model, engine, options, images, spec, out, tuned_engine)
     policy_phase(args, engine, images, spec, out)
     dtype_phase(args, model, served, images, spec, out)
     if not args.no_http:

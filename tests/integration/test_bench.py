@@ -23,6 +23,13 @@ FIELDS = {
     "http_p50_ms_c8",
     "http_p99_ms_c8",
     "http_overhead",
+    "gemm_gflops_bfloat16",
+    "raw_forward_by_backend",
+    "tuned_plan",
+    "tuning_table",
+    "tuned_engine_views_per_s",
+    "tuned_vs_naive",
+    "tuned_vs_fp32_bound",
 }
 
 
@@ -46,10 +53,15 @@ def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
         "1",
         "--full-spec",
         "full@96,mfull@96",
+        "--tune-seconds",
+        "0.3",
+        "--tune-cache-dir",
+        str(tmp_path / "tuning"),
     )
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(result) >= FIELDS
+    assert result["tuning_source"] == "tuned" and result["raw_forward_by_backend"]["torch_float32"]
     assert result["model_gflops_per_view"] > 0 and result["bound_views_per_s"] > 0
     assert result["views"] == 4 and result["http_batched_c8"]["errors"] == 0
     assert (

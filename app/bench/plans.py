@@ -1,0 +1,88 @@
+"""Execution plans in ``midserve bench``: raw forwards per backend and dtype, and the tuned
+engine's pipeline run with the concurrency it serves with."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.backends import backend_missing
+from app.engine import Engine
+from app.options import EngineOptions
+from app.pipeline import ImagePipeline
+from app.repository import LoadedModel
+from app.request import ClassifyRequest, check_level
+from app.tta.views import ViewSpec
+from app.tuning import measure, tuned_engine
+
+PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"),
+         ("openvino", "bfloat16")]  # fmt: skip
+
+
+def raw_by_backend(model: LoadedModel, chunk: int, duration_s: float,
+                   rounds: int = 3) -> dict[str, float]:  # fmt: skip
+    """Views/s of the served network alone, one forward at a time on one thread, per
+    backend and dtype; interleaved rounds, medians."""
+    engines: dict[str, Engine] = {}
+    for backend, dtype in PATHS:
+        if backend_missing(backend) or (dtype == "bfloat16" and model.device.type != "cpu"):
+            continue
+        options = EngineOptions(dtype=dtype)  # type: ignore[arg-type]
+        plan = dataclasses.replace(options.forward_plan(model.device.type), backend=backend,
+                                   workers=1, threads=1, chunk_views=chunk)  # fmt: skip
+        engine = Engine(model, options, plan)
+        if engine.plan.backend == backend:
+            engines[f"{backend}_{dtype}"] = engine
+    runs: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            runs[name].append(measure(engine, engine.plan, duration_s / rounds))
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def tuned(model: LoadedModel, seconds: float, cache_dir: Path | None) -> Engine:
+    options = EngineOptions(tune=True, tune_seconds=seconds,
+                            tune_cache_dir=str(cache_dir or ""))  # fmt: skip
+    return tuned_engine(model, options)
+
+
+def parallel_throughput(engine: Engine, images: list[bytes], spec: ViewSpec, level: str,
+                        duration_s: float) -> float:  # fmt: skip
+    """decode -> views -> forward -> average on real JPEGs, ``plan.workers`` images at once
+    (each thread with the plan's torch threads): how the tuned plan serves."""
+    plan, pipeline = engine.plan, ImagePipeline(engine)
+    counts = [0] * plan.workers
+    stop_at = time.perf_counter() + duration_s
+
+    def work(w: int) -> None:
+        if plan.threads:
+            torch.set_num_threads(plan.threads)
+        i = w
+        while time.perf_counter() < stop_at:
+            request = ClassifyRequest(spec, check_level(level), top_k=5, seed=i)
+            counts[w] += len(pipeline.classify(images[i % len(images)], request).views)
+            i += plan.workers
+
+    before = torch.get_num_threads()
+    pipeline.classify(images[0], ClassifyRequest(spec, check_level(level), top_k=5))  # warm
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(plan.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.set_num_threads(before)
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def tuning_summary(engine: Engine) -> dict[str, Any]:
+    report = engine.tuning
+    return {"tuned_plan": engine.plan.describe(),
+            "tuning_source": report.source if report else "off",
+            "tuning_table": report.table().splitlines() if report else []}  # fmt: skip
