@@ -104,21 +104,23 @@ class OpenVinoForward:
         self._model = ov_model
         self.precision = OPENVINO_PRECISIONS[dtype]
         self._local = threading.local()
+        self._teams: dict[tuple[int, int], Any] = {}
         self.configure(workers, threads)
 
     def configure(self, workers: int, threads: int) -> None:
-        if getattr(self, "_team", None) == (workers, threads):
-            return
-        self._team = (workers, threads)
-        # the precision is always explicit: OpenVINO defaults to bf16 on CPUs that have it
-        config = {
-            "INFERENCE_PRECISION_HINT": self.precision,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": max(1, workers * threads),
-            "NUM_STREAMS": max(1, workers),
-        }
-        self._compiled = self._core.compile_model(self._model, "CPU", config)
-        self._generation = getattr(self, "_generation", 0) + 1
+        """Compiled once per team (workers x threads): tuning switches back and forth."""
+        team = (workers, threads)
+        if team not in self._teams:
+            # the precision is always explicit: OpenVINO defaults to bf16 on CPUs with it
+            config = {
+                "INFERENCE_PRECISION_HINT": self.precision,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": max(1, workers * threads),
+                "NUM_STREAMS": max(1, workers),
+            }
+            self._teams[team] = self._core.compile_model(self._model, "CPU", config)
+        self._compiled = self._teams[team]
+        self._generation = team
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         local = self._local
