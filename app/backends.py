@@ -117,6 +117,9 @@ class OpenVinoForward:
                 "PERFORMANCE_HINT": "LATENCY",
                 "INFERENCE_NUM_THREADS": max(1, workers * threads),
                 "NUM_STREAMS": max(1, workers),
+                # pinning binds the calling threads too, and a 2-thread torch team on one
+                # core then runs about 10x slower in the same process
+                "ENABLE_CPU_PINNING": False,
             }
             self._teams[team] = self._core.compile_model(self._model, "CPU", config)
         self._compiled = self._teams[team]
