@@ -50,11 +50,18 @@ def best_chunk(engine: Engine, spec: ViewSpec, d: float, out: dict[str, Any]) ->
 
 def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, images: list[bytes],
                spec: ViewSpec, out: dict[str, Any]) -> None:  # fmt: skip
-    """The same pipeline behind a real server, batched (and, with --http-matrix, not)."""
+    """The same pipeline behind a real server, batched (and, with --http-matrix, not),
+    against ``engine`` in process with the concurrency its plan serves with: the server
+    tunes itself at load (from the same cache), so both sides run the same plan."""
     d = args.duration
-    env = {"MIDSERVE_DEVICE": out["device"], "MIDSERVE_DTYPE": out["dtype"],
-           "MIDSERVE_COMPILE": "true" if args.compile else "false",
-           "MIDSERVE_FUSE": "false" if args.no_fuse else "true"}  # fmt: skip
+    # only what the bench was told: the server tunes the rest as the bench's engine did
+    env = {"MIDSERVE_DEVICE": out["device"], "MIDSERVE_FUSE": "false" if args.no_fuse else "true"}
+    if args.dtype:
+        env["MIDSERVE_DTYPE"] = args.dtype
+    if args.compile:
+        env["MIDSERVE_COMPILE"] = "true"
+    if args.tune_cache_dir:
+        env["MIDSERVE_TUNE_CACHE_DIR"] = str(args.tune_cache_dir)
     params = {"views": str(spec), "level": args.level}
     # batched: the server's own defaults; unbatched: requests never share a forward
     settings = {"batched": {},
@@ -71,7 +78,7 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
         # The machine's speed drifts from minute to minute: interleave short rounds of the
         # in-process engine and every HTTP setting, so each ratio compares like with like.
         for r in range(ROUNDS):
-            engine_rounds.append(engine_throughput(engine, images, spec, args.level, d / ROUNDS))
+            engine_rounds.append(parallel_throughput(engine, images, spec, args.level, d / ROUNDS))
             for mode in modes:
                 for c in levels:
                     rounds[f"http_{mode}_c{c}"].append(
@@ -242,9 +249,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         out["compile_warmup_s"] = time.perf_counter() - t0
         out["raw_forward_views_per_s"] = raw_forward(engine, engine.chunk_views, d)
     served = pipeline_phase(args, model, engine, options, images, spec, out, tuned_engine)
-    policy_phase(args, engine, images, spec, out)
+    served_engine = tuned_engine or engine  # what the server runs
+    policy_phase(args, served_engine, images, spec, out)
     dtype_phase(args, model, served, images, spec, out)
     if not args.no_http:
-        http_phase(args, settings.models_dir, engine, images, spec, out)
+        http_phase(args, settings.models_dir, served_engine, images, spec, out)
     print_table(out)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
