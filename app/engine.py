@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from app.bn_sets import nearest_resolution, with_bn_set
 from app.errors import InvalidRequestError
 from app.fusion import FusionReport, fuse_for_inference
 from app.model_config import ModelConfig
-from app.options import EngineOptions, ForwardPlan, cpu_has_native_bf16
+from app.options import EngineOptions, ForwardPlan
 from app.repository import LoadedModel, ModelRepository
 from app.request import Level
 from app.schemas import TopClass
@@ -28,10 +27,6 @@ from app.tta.averaging import average_probabilities
 from app.tta.preprocess import ViewGroup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-__all__ = ["DTYPES", "Engine", "ViewOutputs", "cpu_has_native_bf16", "load_engine"]
-log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

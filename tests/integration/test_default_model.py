@@ -25,7 +25,7 @@ def test_center_crop_top1_on_real_photos(lite0_engine: Engine, samples, dtype: s
 
 
 def test_auto_dtype_follows_the_cpu(lite0_engine: Engine) -> None:
-    from app.engine import cpu_has_native_bf16
+    from app.options import cpu_has_native_bf16
 
     engine = Engine(lite0_engine.model, EngineOptions(dtype="auto"))
     assert engine.dtype_name == ("bfloat16" if cpu_has_native_bf16() else "float32")
