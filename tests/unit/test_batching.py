@@ -166,3 +166,24 @@ def test_idle_workers_share_a_lone_request_and_full_batches_run_under_load(
     lone, burst = asyncio.run(go())
     assert sorted(lone) == [5, 5]
     assert burst == [8] * 5
+
+
+def test_out_of_memory_retries_as_two_halves(tiny_engine: Engine) -> None:
+    """A forward that runs out of device memory is retried once as two halves; the rows
+    come back in order. The ceiling (more than 4 views) stands in for a GPU's memory."""
+    from app.batching import split_on_oom
+
+    sizes: list[int] = []
+
+    def limited(batch: torch.Tensor) -> ViewOutputs:
+        sizes.append(int(batch.shape[0]))
+        if batch.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated ceiling)")
+        return tiny_engine.run_views(batch)
+
+    x = _views(8, 3)
+    out = split_on_oom(limited)(x)
+    assert sizes == [8, 4, 4]
+    torch.testing.assert_close(out.logits, tiny_engine.run_views(x).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # once only: a half that fails again
+        split_on_oom(limited)(_views(12, 4))
