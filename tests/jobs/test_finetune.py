@@ -196,6 +196,10 @@ def test_bn_set_adds_the_statistics_to_the_model_for_its_resolution(
     assert engine.bn_sets == [TEST_SIZE]
     with pytest.raises(InvalidRequestError, match="own input size"):
         run_finetune(options(repo, flat, bn_only=True, bn_set=True, test_size=64))
+    # a new entry fine-tuned from it does not inherit the parent's sets
+    child = run_finetune(options(repo, flat, out="tiny_child", bn_only=True, batch_size=4))
+    assert child.cfg.bn_sets == {}
+    ModelRepository(repo).load("tiny_child", "cpu")
     with pytest.raises(InvalidRequestError, match="needs --bn-only"):
         run_finetune(options(repo, flat, bn_set=True))
 

@@ -134,6 +134,9 @@ def finetune_in(opts: FinetuneOptions, ctx: DistContext) -> FinetuneResult:
         parent=source.name,
         description=f"{source.name}, {what}",
         provenance=settings,
+        # the parent's batch-norm sets and measured policy belong to the parent's weights
+        bn_sets={},
+        auto_views="",
     )
     if ctx.is_main and opts.bn_set:
         result.cfg = write_bn_set(source, network, size)
