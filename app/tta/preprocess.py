@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import warnings
 from collections import defaultdict
@@ -103,14 +102,6 @@ class PreparedImage:
     def chw(self) -> torch.Tensor:
         """[3, H, W] view of the same memory."""
         return self.hwc.permute(2, 0, 1)
-
-    def to(self, device: torch.device) -> PreparedImage:
-        """The tensors made so far moved to ``device`` (evaluation decodes in CPU workers)."""
-        for size, t in self.scaled.items():
-            self.scaled[size] = t.to(device)
-        if self.normalise is not None:
-            self.normalise = dataclasses.replace(self.normalise, device=device)
-        return self
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
