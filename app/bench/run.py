@@ -20,7 +20,7 @@ from app.bench.timing import (
     dtype_agreement,
     engine_throughput,
     naive_throughput,
-    policy_throughput,
+    pipeline_rates,
     raw_forward,
 )
 from app.cli_args import settings_from_args
@@ -168,9 +168,8 @@ def policy_phase(args: argparse.Namespace, engine: Engine, images: list[bytes],
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in policies}
     for _ in range(ROUNDS):
         for key, policy in policies.items():
-            runs[key].append(
-                policy_throughput(engine, images, policy, args.level, args.duration / ROUNDS)
-            )
+            rates = pipeline_rates(engine, images, policy, args.level, args.duration / ROUNDS)
+            runs[key].append((rates[0], rates[2]))
     for key, policy in policies.items():
         out[f"policy_{key}"] = {
             "spec": str(policy),

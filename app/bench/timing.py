@@ -42,38 +42,32 @@ def raw_forward(engine: Engine, chunk: int, duration_s: float, views: int = 10) 
         engine.chunk_views = saved
 
 
-def engine_throughput(engine: Engine, images: list[bytes], spec: ViewSpec, level: str,
-                      duration_s: float) -> float:  # fmt: skip
-    """decode -> resize -> views -> forward -> average, on real JPEG bytes."""
-    state = {"i": 0}
+def pipeline_rates(engine: Engine, images: list[bytes], spec: ViewSpec, level: str,
+                   duration_s: float) -> tuple[float, float, float]:  # fmt: skip
+    """decode -> views -> forward -> average on real JPEG bytes, one image at a time:
+    (images/s, views/s, view-equivalents/s). Policies whose views differ in size compare
+    by images and by pixels, not by view count."""
     pipeline = ImagePipeline(engine)
+    calls, views, compute = 0, 0, 0.0
 
     def one() -> int:
-        data = images[state["i"] % len(images)]
-        state["i"] += 1
-        request = ClassifyRequest(spec, check_level(level), top_k=5, seed=state["i"])
-        return len(pipeline.classify(data, request).views)
-
-    return timed_loop(one, duration_s)
-
-
-def policy_throughput(engine: Engine, images: list[bytes], spec: ViewSpec, level: str,
-                      duration_s: float) -> tuple[float, float]:  # fmt: skip
-    """(images/s, view-equivalents/s) of the served pipeline for one view policy: policies
-    whose views differ in size compare by images and by pixels, not by view count."""
-    pipeline = ImagePipeline(engine)
-    calls, compute = 0, 0.0
-
-    def one() -> int:
-        nonlocal calls, compute
+        nonlocal calls, views, compute
         data = images[calls % len(images)]
         calls += 1
         request = ClassifyRequest(spec, check_level(level), top_k=5, seed=calls)
-        compute += pipeline.preparer.view_equivalents(pipeline.classify(data, request).views)
+        planned = pipeline.classify(data, request).views
+        views += len(planned)
+        compute += pipeline.preparer.view_equivalents(planned)
         return 1
 
     images_per_s = timed_loop(one, duration_s)
-    return images_per_s, images_per_s * compute / calls  # x mean compute per image
+    return images_per_s, images_per_s * views / calls, images_per_s * compute / calls
+
+
+def engine_throughput(engine: Engine, images: list[bytes], spec: ViewSpec, level: str,
+                      duration_s: float) -> float:  # fmt: skip
+    """Views/s of the served pipeline (``pipeline_rates``)."""
+    return pipeline_rates(engine, images, spec, level, duration_s)[1]
 
 
 def naive_throughput(model: LoadedModel, images: list[bytes], views: int,
