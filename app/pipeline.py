@@ -33,6 +33,7 @@ from app.tta.views import (
     boxes_in_original,
     parse_view_spec,
     plan_image_views,
+    view_equivalents,
 )
 
 # a reduced-scale JPEG decode keeps the shorter side at least this many times the resize size
@@ -143,8 +144,7 @@ class ImagePreparer:
         return PreparedViews(image, views, used_seed, used, groups, timings)
 
     def view_equivalents(self, views: list[View]) -> float:
-        """Compute of ``views`` in views of the model's input size (pixels / input_size²)."""
-        return sum(v.width * v.height for v in views) / self.cfg.input_size**2
+        return view_equivalents(views, self.cfg.input_size)
 
     def check_budget(self, views: list[View], max_views: int) -> None:
         if len(views) > max_views:

@@ -254,6 +254,12 @@ def plan_image_views(
     return views
 
 
+def view_equivalents(views: Iterable[View], input_size: int) -> float:
+    """Compute of ``views`` in views of the model's input size: their pixels over one such
+    view's (what batch, queue and request bounds count)."""
+    return sum(v.width * v.height for v in views) / input_size**2
+
+
 def boxes_in_original(
     views: Iterable[View], resized: tuple[int, int], original: tuple[int, int]
 ) -> list[list[float]]:

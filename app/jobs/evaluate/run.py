@@ -35,7 +35,7 @@ from app.pipeline import ImagePipeline, ImagePreparer
 from app.repository import ModelRepository
 from app.tta.averaging import average_probabilities
 from app.tta.preprocess import ViewGroup, cut_view_groups
-from app.tta.views import View, plan_image_views
+from app.tta.views import View, plan_image_views, view_equivalents
 
 
 class PoolPlanner:
@@ -95,7 +95,7 @@ class PoolScorer:
     def __init__(self, engine: Engine, configs: list[EvalConfig], flops: FlopCounter) -> None:
         self.engine, self.configs, self.flops = engine, configs, flops
         self.k = min(TOP_K, engine.cfg.num_classes)
-        self.view_pixels = engine.cfg.input_size**2
+        self.input_size = engine.cfg.input_size
 
     def run(self, batch: list[PlannedImage]) -> list[ViewOutputs]:
         """Each image's pool outputs in view order; equal shapes share a forward."""
@@ -126,7 +126,7 @@ class PoolScorer:
                 idx = torch.tensor(p.chosen[c.name], device=out.features.device)
                 probs = average_probabilities(out.features[idx], out.logits[idx], head, c.level)
                 top[c.name] = probs.float().topk(self.k).indices.tolist()
-            shapes = {n: [p.views[i].shape for i in idx] for n, idx in p.chosen.items()}
+            chosen = {n: [p.views[i] for i in idx] for n, idx in p.chosen.items()}
             records.append(
                 {
                     "file": p.name,
@@ -135,11 +135,11 @@ class PoolScorer:
                     "pool": len(p.views),
                     "views": {n: len(v) for n, v in p.chosen.items()},
                     "view_equivalents": {
-                        n: round(sum(h * w for h, w in s) / self.view_pixels, 4)
-                        for n, s in shapes.items()
+                        n: round(view_equivalents(v, self.input_size), 4) for n, v in chosen.items()
                     },
                     "gflops": {
-                        n: round(sum(map(self.flops.gflops, s)), 4) for n, s in shapes.items()
+                        n: round(sum(self.flops.gflops(v.shape) for v in vs), 4)
+                        for n, vs in chosen.items()
                     },
                     "top": top,
                 }
