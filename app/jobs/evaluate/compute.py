@@ -17,7 +17,7 @@ from app.model_config import ModelConfig, write_model_config
 from app.pipeline import ImagePipeline
 from app.repository import build_network
 from app.request import ClassifyRequest
-from app.tta.views import ViewSpec
+from app.tta.views import AUTO_SPEC
 
 TIMING_ROUNDS = 3
 
@@ -55,7 +55,7 @@ def time_configs(
     rounds: dict[str, list[float]] = {c.name: [] for c in configs}
     for _ in range(TIMING_ROUNDS):
         for c in configs:
-            request = ClassifyRequest(c.spec or ViewSpec((), adaptive=True), c.level, 1, 0)
+            request = ClassifyRequest(c.spec or AUTO_SPEC, c.level, 1, 0)
             t0 = time.perf_counter()
             for data in photos:
                 pipeline.classify(data, request)

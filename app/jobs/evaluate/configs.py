@@ -12,7 +12,7 @@ from app.jobs.datasets import ClassOrder
 from app.options import DtypeName
 from app.request import LEVELS, Level, check_level
 from app.tta.adaptive import AUTO, resolve_spec
-from app.tta.views import CROP_KINDS, ViewSpec, parse_view_spec, split_kind
+from app.tta.views import AUTO_SPEC, CROP_KINDS, ViewSpec, parse_view_spec, split_kind
 
 BASELINE = "center:1@softmax"
 TOP_K = 5
@@ -77,7 +77,7 @@ class EvalConfig:
     ) -> ViewSpec:
         """The views for an image whose model-scale resize is ``width`` x ``height``;
         ``measured``: the model's measured ``auto`` policy, if it has one."""
-        return resolve_spec(self.spec or ViewSpec((), adaptive=True), width, height, crop, measured)
+        return resolve_spec(self.spec or AUTO_SPEC, width, height, crop, measured)
 
 
 def parse_config(text: str) -> EvalConfig:
