@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine import ViewOutputs
 from app.errors import OverloadedError
 from app.metrics import Metrics
+from app.runtime.engine import ViewOutputs
 from app.tta.preprocess import ViewGroup
 
 log = logging.getLogger(__name__)

@@ -39,11 +39,11 @@ def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     """Classify local image files; one JSON line (or a short table) per image, in order."""
-    from app.engine import load_engine
-    from app.options import EngineOptions
     from app.pipeline import ImagePipeline
     from app.repository import ModelRepository
     from app.request import ClassifyRequest, check_level
+    from app.runtime.load import load_engine
+    from app.runtime.plan import EngineOptions
 
     settings = settings_from_args(args)
     options = EngineOptions.from_settings(settings).with_changes(

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.options import DTYPE_NAMES
+from app.runtime.plan import DTYPE_NAMES
 
 if TYPE_CHECKING:
     from app.config import Settings

@@ -5,16 +5,14 @@ No import-time singleton: ``get_settings()`` is cached and tests override it.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.options import BackendName, DtypeName
-
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,2})?)$")
+from app.runtime.plan import EngineOptions
 
 
 def default_models_dir() -> Path:
@@ -23,38 +21,25 @@ def default_models_dir() -> Path:
     return beside if beside.is_dir() else Path.cwd() / "models"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MIDSERVE_", env_file=None, extra="ignore")
+class Settings(BaseSettings, EngineOptions):
+    """Every setting, each declared once: the engine's (device, dtype, plan knobs, tuning,
+    decode limits) are inherited from ``EngineOptions``; the server's are below."""
 
-    # models and devices
+    model_config = SettingsConfigDict(
+        env_prefix="MIDSERVE_", env_file=None, extra="ignore", frozen=True
+    )
+
     models_dir: Path = Field(default_factory=default_models_dir)
     models: list[str] = ["tf_efficientnet_lite0"]  # names, or ["all"] for every available
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: DtypeName = "auto"  # auto (bfloat16 on CPUs with native bf16, else float32) | ...
-    chunk_views: int = 0  # views per forward chunk; 0 = per-device default
-    compile: bool | None = None  # torch.compile the forward; unset: tuned (off unless budget)
-    fuse: bool = True  # fold batch norms, static SAME padding (app/fusion.py); checked at load
-    jpeg_draft: bool = False  # decode large JPEGs at reduced scale (bench/jpeg_draft.py)
-    threads: int = 0  # torch intra-op threads per forward; 0 = cores / forward_workers
-    forward_workers: int = 0  # forwards running at once; 0 = 2 on a CPU with 2+ cores, else 1
-    warmup: bool = True
-    # tuning at load (app/tuning.py): each of dtype, chunk_views, forward_workers, threads,
-    # compile and backend set above is kept; the others are timed on this machine
-    tune: bool = True
-    tune_seconds: float = Field(default=5.0, ge=0)  # timing budget per model
-    tune_cache_dir: Path | None = None  # default ~/.cache/midserve/tuning
-    backend: BackendName = "auto"  # auto | torch | openvino (pip install 'midserve[openvino]')
 
     # request limits
     max_body_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_aspect_ratio: float = 16.0
     max_images_per_request: int = 16
     max_views_per_request: int = 64
     max_top_k: int = 100
 
     # batching and backpressure
-    max_batch_views: int = 0  # views per forward across requests; 0 = chunk_views
+    max_batch_views: int | None = Field(default=None, ge=1)  # views a forward; unset: chunk
     max_wait_ms: float = 2.0
     max_queue_views: int = 512
     request_timeout_s: float = 30.0
@@ -67,13 +52,10 @@ class Settings(BaseSettings):
     auth_tokens_file: Path | None = None
     open_probes: bool = True  # /metrics, /healthz, /readyz need no token
 
-    @field_validator("device")
+    @field_validator("max_batch_views", mode="before")
     @classmethod
-    def _known_device(cls, value: str) -> str:
-        """Fail at start-up, not at model load, on a device torch would not parse."""
-        if not DEVICE_RE.match(value):
-            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
-        return value
+    def _unset_server(cls, value: Any) -> Any:
+        return EngineOptions._unset(value)
 
 
 @lru_cache(maxsize=1)

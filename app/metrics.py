@@ -16,8 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from app.options import ForwardPlan
-    from app.tuning_report import TuningReport
+    from app.runtime.plan import ForwardPlan
+    from app.runtime.tuning.report import TuningReport
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,

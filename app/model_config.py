@@ -71,7 +71,7 @@ class ModelConfig:
     parent: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
     # batch-norm statistics per test resolution: shorter side of a view -> file in the
-    # folder (app/bn_sets.py); views nearest a resolution run with its set
+    # folder (app/runtime/bn_sets.py); views nearest a resolution run with its set
     bn_sets: dict[int, str] = field(default_factory=dict)
     folder: Path | None = None
 

@@ -2,6 +2,9 @@
 prepare (decode once, resize once, plan views, cut them as slices of one tensor)
 -> forward (the engine, directly or through the server's cross-request batcher)
 -> predict (average at the asked level, top-k, view boxes, timings).
+
+The engine only turns views into features and logits; averaging and ranking happen here,
+and the edges (the JSON API, the CLI) only translate a ``Prediction``.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine import Engine, ViewOutputs
 from app.errors import LimitExceededError
+from app.labels import LabelSet
 from app.model_config import ModelConfig
-from app.options import DecodeLimits
 from app.request import ClassifyRequest, Level
+from app.runtime.engine import Engine, ViewOutputs
 from app.schemas import ImageResult, TopClass, ViewBox
 from app.tta.adaptive import resolve_spec
+from app.tta.averaging import average_probabilities
+from app.tta.limits import DecodeLimits
 from app.tta.preprocess import (
     PreparedImage,
     ViewGroup,
@@ -66,6 +71,10 @@ class Prediction:
     view_top1: list[TopClass]
     probs: torch.Tensor  # [C]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def ranked(self, k: int = 5) -> list[int]:
+        """The ``k`` most probable class indices, best first (accuracy metrics)."""
+        return self.probs.topk(min(k, self.probs.shape[0])).indices.tolist()
 
     def result(self, index: int = 0, file: str | None = None) -> ImageResult:
         return ImageResult(
@@ -174,6 +183,7 @@ class ImagePipeline:
         request.checked(self.engine.cfg.num_classes)
         return self.preparer.views(data, request.spec, request.seed, self.max_views)
 
+    @torch.inference_mode()
     def predict(
         self,
         prepared: PreparedViews,
@@ -183,7 +193,11 @@ class ImagePipeline:
         forward_s: float,
     ) -> Prediction:
         t0 = time.perf_counter()
-        probs, top, view_top1 = self.engine.summarize(outputs, request.level, request.top_k)
+        engine = self.engine
+        probs = average_probabilities(outputs.features, outputs.logits, engine.head, request.level)
+        values, indices = probs.topk(min(request.top_k, probs.shape[0]))
+        view_p, view_i = torch.softmax(outputs.logits.float(), dim=-1).max(dim=-1)
+        labels = engine.model.labels
         image = prepared.image
         boxes = boxes_in_original(prepared.views, image.resized_size, image.original_size)
         timings = {
@@ -193,14 +207,14 @@ class ImagePipeline:
             "postprocess": time.perf_counter() - t0,
         }
         return Prediction(
-            top=top,
+            top=top_classes(labels, values, indices),
             level=request.level,
             views=prepared.views,
             spec=str(prepared.spec),
             policy=str(request.spec),
             seed=prepared.seed,
             boxes=boxes,
-            view_top1=view_top1,
+            view_top1=top_classes(labels, view_p, view_i),
             probs=probs,
             timings=timings,
         )
@@ -211,3 +225,11 @@ class ImagePipeline:
         t0 = time.perf_counter()
         outputs = self.engine.run_groups(prepared.groups)
         return self.predict(prepared, outputs, request, 0.0, time.perf_counter() - t0)
+
+
+def top_classes(labels: LabelSet, probs: torch.Tensor, indices: torch.Tensor) -> list[TopClass]:
+    """Classes with their ids, names and probabilities, in the order given."""
+    return [
+        TopClass(index=int(i), synset=labels.ids[i], label=labels.names[i], prob=float(p))
+        for p, i in zip(probs.tolist(), indices.tolist(), strict=True)
+    ]

@@ -95,11 +95,13 @@ class ModelOut(BaseModel):
     weights: str
     device: str | None = None
     dtype: str | None = None
-    fusion: str | None = None  # inference rewrites applied at load (app/fusion.py)
+    fusion: str | None = None  # inference rewrites applied at load (app/runtime/fusion.py)
     bn_sets: list[int] = Field(
         default_factory=list, description="resolutions with their own batch-norm statistics"
     )
-    plan: str | None = Field(default=None, description="how forwards run (app/tuning.py)")
+    plan: str | None = Field(
+        default=None, description="how forwards run (app/runtime/tuning/tuner.py)"
+    )
     tuning: TuningOut | None = None
     limits: dict[str, float]
 

@@ -18,7 +18,6 @@ import torch
 
 from app.batching import ViewBatcher
 from app.config import Settings
-from app.engine import Engine, load_engine, pick_device
 from app.errors import (
     DeadlineExceededError,
     EvalResultsError,
@@ -27,10 +26,12 @@ from app.errors import (
 )
 from app.eval_results import EVAL_FILE, read_eval_results
 from app.metrics import Metrics
-from app.options import EngineOptions
 from app.pipeline import ImagePipeline, Prediction
 from app.repository import ModelRepository
 from app.request import ClassifyRequest
+from app.runtime.engine import Engine, pick_device
+from app.runtime.load import load_engine
+from app.runtime.plan import EngineOptions
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed"]

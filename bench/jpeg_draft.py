@@ -24,11 +24,11 @@ from PIL import Image
 
 from app.bench import SAMPLES
 from app.config import default_models_dir
-from app.engine import Engine
-from app.options import EngineOptions
 from app.pipeline import ImagePipeline
 from app.repository import ModelRepository
 from app.request import ClassifyRequest
+from app.runtime.engine import Engine
+from app.runtime.plan import EngineOptions
 from app.tta.views import default_policy
 
 

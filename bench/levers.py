@@ -4,7 +4,7 @@
 
 The default model's raw forward (network only, ready tensors) under each lever: layout
 (NCHW vs channels_last), dtype (float32 vs bfloat16 autocast), the inference rewrites of
-app/fusion.py (folded norms + static SAME padding, then fused activations), one intra-op
+app/runtime/fusion.py (folded norms + static SAME padding, then fused activations), one intra-op
 thread instead of two, and optionally torch.compile. The machine's speed drifts, so the
 rows run in interleaved rounds and each reports its median.
 """
@@ -23,8 +23,8 @@ from torch import nn
 
 from app.bench.timing import timed_loop
 from app.config import default_models_dir
-from app.fusion import fuse_for_inference
 from app.repository import ModelRepository
+from app.runtime.fusion import fuse_for_inference
 
 ROUNDS = 3
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import Engine
 from app.repository import ModelRepository
+from app.runtime.engine import Engine
 from tests.helpers import FLOAT32, SAMPLES_MISSING, make_tiny_model, sample_files
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from app.engine import Engine
 from app.model_config import ModelConfig, WeightsSource, write_model_config
-from app.options import EngineOptions
 from app.pipeline import ImagePipeline, ImagePreparer, Prediction
 from app.request import ClassifyRequest
+from app.runtime.engine import Engine
+from app.runtime.plan import EngineOptions
 from app.tta.views import ViewSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -20,6 +20,7 @@ from app.api.errors import (
     error_body,
     error_response,
 )
+from app.api.model_info import model_out, safe_model_out
 from app.api.params import PARAM_NAMES, classify_openapi, parse_classify_params
 from app.config import Settings
 from app.errors import (
@@ -207,55 +208,9 @@ def _classify_response(
     return JSONResponse(response.model_dump(exclude_unset=True))
 
 
-def _model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
-    engine = slot.engine
-    cfg = service.repository.config(slot.name) if engine is None else engine.cfg
-    s = service.settings
-    return ModelOut(
-        name=slot.name,
-        state=slot.state,
-        error=slot.error or None,
-        arch=cfg.arch,
-        description=cfg.description,
-        num_classes=cfg.num_classes,
-        input_size=cfg.input_size,
-        resize_size=cfg.resize_size,
-        crop_pct=cfg.crop_pct,
-        interpolation=cfg.interpolation,
-        mean=list(cfg.mean),
-        std=list(cfg.std),
-        default_views=cfg.default_views,
-        default_level=cfg.default_level,
-        parent=cfg.parent or None,
-        weights=cfg.weights.describe(),
-        device=str(engine.device) if engine else None,
-        dtype=engine.dtype_name if engine else None,
-        fusion=engine.fusion.describe() if engine and engine.fusion else None,
-        bn_sets=engine.bn_sets if engine else sorted(cfg.bn_sets),
-        plan=engine.plan.describe() if engine else None,
-        tuning=engine.tuning.to_schema() if engine and engine.tuning else None,
-        limits={
-            "max_views_per_request": s.max_views_per_request,
-            "max_images_per_request": s.max_images_per_request,
-            "max_body_bytes": s.max_body_bytes,
-            "max_pixels": s.max_pixels,
-            "max_aspect_ratio": s.max_aspect_ratio,
-            "max_top_k": min(s.max_top_k, cfg.num_classes),
-            "request_timeout_s": s.request_timeout_s,
-        },
-    )
-
-
-def _safe_model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut | None:
-    try:
-        return _model_out(service, slot)
-    except MidserveError:  # not in the repository at all (a typo in MIDSERVE_MODELS)
-        return None
-
-
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_token)])
 async def list_models(service: ServiceDep) -> ModelList:
-    outs = [_safe_model_out(service, slot) for slot in service.slots.values()]
+    outs = [safe_model_out(service, slot) for slot in service.slots.values()]
     return ModelList(models=[m for m in outs if m is not None])
 
 
@@ -266,7 +221,7 @@ async def list_models(service: ServiceDep) -> ModelList:
     dependencies=[Depends(require_token)],
 )
 async def get_model(model: str, service: ServiceDep) -> ModelOut:
-    return _model_out(service, service.slot(model))
+    return model_out(service, service.slot(model))
 
 
 @probes.get("/healthz", dependencies=[Depends(require_token_unless_open)])

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from app.backends import backend_missing
-from app.engine import Engine
-from app.options import EngineOptions
 from app.pipeline import ImagePipeline
 from app.repository import LoadedModel
 from app.request import ClassifyRequest, check_level
+from app.runtime.backends import backend_missing
+from app.runtime.engine import Engine
+from app.runtime.plan import EngineOptions
+from app.runtime.tuning.tuner import measure, tuned_engine
 from app.tta.views import ViewSpec
-from app.tuning import measure, tuned_engine
 
 PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"),
          ("openvino", "bfloat16")]  # fmt: skip
@@ -47,8 +47,7 @@ def raw_by_backend(model: LoadedModel, chunk: int, duration_s: float,
 
 
 def tuned(model: LoadedModel, seconds: float, cache_dir: Path | None) -> Engine:
-    options = EngineOptions(tune=True, tune_seconds=seconds,
-                            tune_cache_dir=str(cache_dir or ""))  # fmt: skip
+    options = EngineOptions(tune=True, tune_seconds=seconds, tune_cache_dir=cache_dir)
     return tuned_engine(model, options)
 
 

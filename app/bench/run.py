@@ -24,9 +24,9 @@ from app.bench.timing import (
     raw_forward,
 )
 from app.cli_args import settings_from_args
-from app.engine import Engine, pick_device
-from app.options import EngineOptions
 from app.repository import LoadedModel, ModelRepository
+from app.runtime.engine import Engine, pick_device
+from app.runtime.plan import EngineOptions
 from app.tta.views import ViewSpec, default_policy, parse_view_spec
 
 ROUNDS = 3

@@ -12,11 +12,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from app.engine import Engine
-from app.options import EngineOptions
 from app.pipeline import ImagePipeline
 from app.repository import LoadedModel
 from app.request import ClassifyRequest, check_level
+from app.runtime.engine import Engine
+from app.runtime.plan import EngineOptions
 from app.tta.views import ViewSpec
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from app.engine import pick_device
+from app.runtime.engine import pick_device
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DistContext:
 
 
 @contextlib.contextmanager
-def distributed_context(device: str) -> Iterator[DistContext]:
+def distributed_context(device: str | None) -> Iterator[DistContext]:
     """Join the torchrun process group when launched by torchrun; leave it on exit.
 
     Each process takes GPU ``LOCAL_RANK`` on CUDA; nccl on GPUs, gloo on CPUs."""

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.model_config import ModelConfig
-from app.options import DecodeLimits
+from app.runtime.plan import DecodeLimits
 from app.tta.views import View, resized_shape
 
 # Formats a browser or camera produces; anything else (SVG, PDF, EPS, ...) is refused.

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from app.engine import Engine
+from app.runtime.engine import Engine
 from app.tta.views import default_policy, parse_view_spec
 from tests.helpers import classify, image_bytes
 from tests.server import scrape, total

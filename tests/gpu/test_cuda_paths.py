@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import Engine
-from app.fusion import fuse_for_inference
-from app.options import EngineOptions
 from app.repository import ModelRepository
+from app.runtime.engine import Engine
+from app.runtime.fusion import fuse_for_inference
+from app.runtime.plan import EngineOptions
+from app.runtime.tuning.agreement import agreement, probe_batch, reference_outputs
+from app.runtime.tuning.tuner import tuned_engine
 from app.tta.views import parse_view_spec
-from app.tuning import probe_batch, reference_outputs, tuned_engine
-from app.tuning_report import agreement
 from tests.helpers import FLOAT32, classify, image_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.engine import Engine
-from app.options import EngineOptions
+from app.runtime.engine import Engine
+from app.runtime.plan import EngineOptions
 from app.tta.views import parse_view_spec
 from tests.helpers import FLOAT32, classify
 
@@ -25,7 +25,7 @@ def test_center_crop_top1_on_real_photos(lite0_engine: Engine, samples, dtype: s
 
 
 def test_auto_dtype_follows_the_cpu(lite0_engine: Engine) -> None:
-    from app.options import cpu_has_native_bf16
+    from app.runtime.machine import cpu_has_native_bf16
 
     engine = Engine(lite0_engine.model, EngineOptions(dtype="auto"))
     assert engine.dtype_name == ("bfloat16" if cpu_has_native_bf16() else "float32")
@@ -43,7 +43,7 @@ def test_fused_network_predicts_as_the_original_on_real_photos(samples) -> None:
     assert fused.fusion is not None and fused.fusion.applied
     assert (fused.fusion.folded_norms, fused.fusion.static_pads) == (49, 5)
     # ReLU6 after 33 of the 49 norms; the projection convolutions have no activation
-    from app.fusion import pointwise_available
+    from app.runtime.fusion import pointwise_available
 
     assert fused.fusion.fused_activations == (33 if pointwise_available(model.device) else 0)
     center, ten = parse_view_spec("center"), parse_view_spec("fixed:5,mfixed:5")

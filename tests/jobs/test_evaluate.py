@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.engine import Engine
 from app.errors import DataError, EvalResultsError, InvalidRequestError
 from app.eval_results import read_eval_results
 from app.jobs.evaluate.configs import EvalOptions, image_seed, parse_configs, parse_sweep
 from app.jobs.evaluate.run import run_evaluation
 from app.repository import ModelRepository
+from app.runtime.engine import Engine
 from app.tta.adaptive import auto_policy
+from app.tta.averaging import average_probabilities
 from app.tta.preprocess import cut_view_groups
 from app.tta.views import parse_view_spec
 from tests.helpers import (
@@ -88,8 +89,8 @@ def _recompute(
         )
         outputs = engine.run_groups(cut_view_groups(image, views))
         for lv in levels:
-            _, top, _ = engine.summarize(outputs, lv, top_k=3)  # type: ignore[arg-type]
-            idx = [t.index for t in top]
+            probs = average_probabilities(outputs.features, outputs.logits, engine.head, lv)  # type: ignore[arg-type]
+            idx = probs.topk(3).indices.tolist()
             hits[lv].append((idx[0] == target, target in idx, len(views)))
     n = len(IMAGES)
     return {

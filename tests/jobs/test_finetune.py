@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from app.engine import Engine
 from app.errors import DataError, InvalidRequestError
 from app.jobs.finetune.data import FixResTransform
 from app.jobs.finetune.options import FinetuneOptions
 from app.jobs.finetune.run import run_finetune
 from app.repository import ModelRepository
+from app.runtime.engine import Engine
 from app.tta.views import parse_view_spec
 from tests.helpers import FLOAT32, classify, make_tiny_model
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from app.engine import Engine
+from app.runtime.engine import Engine
 from app.tta.averaging import average_probabilities
 from app.tta.views import parse_view_spec
 from tests.helpers import image_bytes, preparer

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from app.batching import ViewBatcher
-from app.engine import Engine, ViewOutputs
 from app.errors import OverloadedError
 from app.metrics import Metrics
+from app.runtime.engine import Engine, ViewOutputs
 
 
 def _views(n: int, seed: int) -> torch.Tensor:

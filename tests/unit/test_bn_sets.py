@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.bn_sets import bn_state, nearest_resolution, with_bn_set, write_bn_set
-from app.engine import Engine
 from app.errors import ModelLoadError, WeightsMismatchError
 from app.repository import ModelRepository
+from app.runtime.bn_sets import bn_state, nearest_resolution, with_bn_set, write_bn_set
+from app.runtime.engine import Engine
 from app.tta.views import parse_view_spec
 from tests.helpers import FLOAT32, classify, image_bytes, make_tiny_model
 

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from app.engine import Engine
 from app.errors import InvalidRequestError
 from app.model_config import ModelConfig
+from app.runtime.engine import Engine
 from app.tta.views import default_policy, parse_view_spec
 from tests.helpers import FLOAT32, classify, image_bytes
 

@@ -8,8 +8,13 @@ import torch
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
-from app.engine import Engine
-from app.fusion import ConvPointwise, StaticSamePadConv2d, fuse_for_inference, pointwise_available
+from app.runtime.engine import Engine
+from app.runtime.fusion import (
+    ConvPointwise,
+    StaticSamePadConv2d,
+    fuse_for_inference,
+    pointwise_available,
+)
 from app.tta.views import parse_view_spec
 from tests.helpers import FLOAT32, classify, image_bytes
 
@@ -109,7 +114,7 @@ def test_engine_serves_the_fused_network_with_the_same_predictions(tiny_repo) ->
 @pytest.mark.parametrize(("kernel", "stride", "groups"), [(1, 1, 1), (3, 2, 8), (3, 1, 2)])
 def test_conv_and_activation_as_one_primitive(act: nn.Module, kernel: int, stride: int,
                                               groups: int) -> None:  # fmt: skip
-    from app.fusion import _pointwise_attr
+    from app.runtime.fusion import _pointwise_attr
 
     torch.manual_seed(kernel * 10 + stride)
     conv = nn.Conv2d(8, 16, kernel, stride, kernel // 2, groups=groups, bias=False)

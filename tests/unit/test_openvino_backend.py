@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import Engine
-from app.options import EngineOptions
 from app.repository import ModelRepository
-from app.tuning import probe_batch, reference_outputs
-from app.tuning_report import agreement
+from app.runtime.engine import Engine
+from app.runtime.plan import EngineOptions
+from app.runtime.tuning.agreement import agreement, probe_batch, reference_outputs
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_openvino_float32_matches_torch_at_any_shape(tiny_repo: Path, tmp_path: Path) -> None:
     model = ModelRepository(tiny_repo).load("tiny", "cpu")
-    options = EngineOptions(dtype="float32", tune_cache_dir=str(tmp_path))
+    options = EngineOptions(dtype="float32", tune_cache_dir=tmp_path)
     plan = dataclasses.replace(options.forward_plan("cpu"), backend="openvino")
     engine = Engine(model, options, plan)
     assert engine.plan.backend == "openvino" and engine.fusion is None

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.engine import Engine
 from app.errors import ImageTooLargeError, InvalidImageError
+from app.runtime.engine import Engine
 from app.tta.preprocess import DecodeLimits, decode_image, resized_shape
 from app.tta.views import parse_view_spec
 from tests.helpers import FLOAT32, classify, image_bytes, preparer

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from app.batching import ViewBatcher
-from app.engine import Engine, ViewOutputs
 from app.errors import InvalidRequestError, LimitExceededError
 from app.metrics import Metrics
 from app.pipeline import ImagePipeline
 from app.request import ClassifyRequest
+from app.runtime.engine import Engine, ViewOutputs
 from app.tta.views import (
     ViewGeometry,
     full_shape,

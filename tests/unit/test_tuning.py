@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from app.engine import Engine, load_engine
-from app.options import EngineOptions, ForwardPlan
 from app.repository import ModelRepository
-from app.tuning import numeric_paths, tuned_engine
-from app.tuning_report import TuningReport
+from app.runtime.engine import Engine
+from app.runtime.load import load_engine
+from app.runtime.plan import EngineOptions, ForwardPlan
+from app.runtime.tuning.report import TuningReport
+from app.runtime.tuning.tuner import numeric_paths, tuned_engine
 from tests.helpers import make_tiny_model
 
 
 def _options(cache: Path, **changes: object) -> EngineOptions:
-    base = EngineOptions(tune=True, tune_seconds=0.3, tune_cache_dir=str(cache))
+    base = EngineOptions(tune=True, tune_seconds=0.3, tune_cache_dir=cache)
     return base.with_changes(**changes)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from app.errors import InvalidRequestError
 from app.jobs.datasets import ClassOrder
-from app.options import DtypeName
 from app.request import LEVELS, Level, check_level
+from app.runtime.plan import DtypeName
 from app.tta.adaptive import AUTO, resolve_spec
 from app.tta.views import AUTO_SPEC, CROP_KINDS, ViewSpec, parse_view_spec, split_kind
 

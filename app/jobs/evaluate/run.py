@@ -15,7 +15,6 @@ import torch
 from tqdm import tqdm
 
 from app.config import Settings
-from app.engine import Engine, ViewOutputs, load_engine
 from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage, read_labelled_folder
 from app.jobs.distributed import distributed_context
@@ -30,9 +29,11 @@ from app.jobs.evaluate.configs import (
 )
 from app.jobs.evaluate.records import prepare_out, read_records, records_path, run_key
 from app.jobs.evaluate.report import build_report, write_report
-from app.options import EngineOptions
 from app.pipeline import ImagePipeline, ImagePreparer
 from app.repository import ModelRepository
+from app.runtime.engine import Engine, ViewOutputs
+from app.runtime.load import load_engine
+from app.runtime.plan import EngineOptions
 from app.tta.averaging import average_probabilities
 from app.tta.preprocess import ViewGroup, cut_view_groups
 from app.tta.views import View, plan_image_views, view_equivalents
@@ -118,7 +119,7 @@ class PoolScorer:
 
     @torch.inference_mode()
     def score(self, batch: list[PlannedImage]) -> list[dict[str, Any]]:
-        head = self.engine.model.head
+        head = self.engine.head  # the served head, in the engine's dtype (as the pipeline)
         records = []
         for p, out in zip(batch, self.run(batch), strict=True):
             top: dict[str, list[int]] = {}

@@ -17,7 +17,7 @@ from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage
 from app.jobs.finetune.options import AUGMENTS, Augment
 from app.model_config import ModelConfig
-from app.options import DecodeLimits
+from app.runtime.plan import DecodeLimits
 from app.tta.preprocess import RESAMPLE, cut_views, decode_image, prepare_image
 from app.tta.views import View, parse_view_spec, plan_views
 

@@ -45,7 +45,7 @@ class FinetuneOptions:
     checkpoint_dir: Path | None = None  # None: <out folder>/checkpoints
     workers: int = 0
     seed: int = 0
-    device: str = "auto"
+    device: str | None = None  # unset: CUDA when there is one
     progress: bool = True
     force: bool = False
 

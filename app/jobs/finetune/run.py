@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from app.bn_sets import write_bn_set
 from app.config import Settings
 from app.errors import InvalidRequestError
 from app.jobs.datasets import read_labelled_folder, scan_unlabelled
@@ -20,6 +19,7 @@ from app.jobs.resolution import check_test_size
 from app.labels import load_labels
 from app.model_config import ModelConfig, WeightsSource, load_model_config
 from app.repository import ModelRepository, load_network
+from app.runtime.bn_sets import write_bn_set
 
 
 def resolve_source(model: str, models_dir: Path | None) -> tuple[ModelConfig, Path]:

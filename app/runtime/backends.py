@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from app.errors import BackendUnavailableError
-from app.options import EngineOptions, ForwardPlan
 from app.repository import LoadedModel
-from app.tuning_cache import cache_key, cache_root, model_fingerprint
+from app.runtime.plan import EngineOptions, ForwardPlan
+from app.runtime.tuning.cache import cache_key, cache_root, model_fingerprint
 
 log = logging.getLogger(__name__)
 

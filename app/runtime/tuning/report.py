@@ -1,4 +1,4 @@
-"""What tuning tried and chose: the agreement test, the table, and its cached form."""
+"""What tuning tried and chose: the trials, the table, and its cached form."""
 
 from __future__ import annotations
 
@@ -6,42 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from app.engine import ViewOutputs
-from app.options import ForwardPlan
-from app.schemas import TuningOut, TuningTrialOut
-
-# bf16 paths differ from float32 by up to about 0.05 in probability on real photos
-PROB_TOLERANCE = 0.1
-# where float32's top class leads the next by this much, a candidate must pick it too
-TOP1_MARGIN = 0.1
-FEATURE_TOLERANCE = 0.1  # relative L2 error of the pooled features (feature averaging)
-
-
-def agreement(reference: ViewOutputs, out: ViewOutputs) -> tuple[float, float, bool]:
-    """(max probability difference, top-1 agreement, agrees) of ``out`` with float32.
-
-    Synthetic probes can give flat outputs where a tiny rounding flips the top class, so
-    top-1 must agree only where float32's margin is clear; probabilities and features must
-    agree everywhere."""
-    ref_p = torch.softmax(reference.logits.float(), -1)
-    out_p = torch.softmax(out.logits.float(), -1)
-    max_diff = float((ref_p - out_p).abs().max())
-    same = ref_p.argmax(-1) == out_p.argmax(-1)
-    top2 = ref_p.topk(min(2, ref_p.shape[-1]), dim=-1).values
-    clear = (top2[:, 0] - top2[:, -1]) >= TOP1_MARGIN
-    feat_err = float(
-        (out.features.float() - reference.features).norm()
-        / reference.features.norm().clamp_min(1e-12)
-    )
-    ok = (
-        max_diff <= PROB_TOLERANCE
-        and bool(same[clear].all())
-        and feat_err <= FEATURE_TOLERANCE
-        and bool(torch.isfinite(out.logits).all())
-    )
-    return max_diff, float(same.float().mean()), ok
+from app.runtime.plan import ForwardPlan
 
 
 @dataclass
@@ -99,21 +64,3 @@ class TuningReport:
                        default, trials)  # fmt: skip
         except (KeyError, TypeError, ValueError):
             return None
-
-    def to_schema(self) -> TuningOut:
-        return TuningOut(
-            source=self.source,
-            seconds=round(self.seconds, 3),
-            budget_s=self.budget_s,
-            chosen=self.chosen.describe(),
-            default=self.default.describe(),
-            candidates=[
-                TuningTrialOut(
-                    plan=t.plan.describe(), **dataclasses.asdict(t.plan),
-                    views_per_s=t.views_per_s, max_prob_diff=t.max_prob_diff,
-                    top1_agreement=t.top1_agreement, status=t.status, default=t.default,
-                    chosen=t.plan == self.chosen,
-                )
-                for t in self.trials
-            ],
-        )  # fmt: skip

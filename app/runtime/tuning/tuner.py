@@ -27,20 +27,21 @@ from collections.abc import Callable
 
 import torch
 
-from app.backends import backend_missing
-from app.engine import Engine, ViewOutputs
-from app.options import EngineOptions, ForwardPlan, cpu_has_native_bf16
 from app.repository import LoadedModel
-from app.tuning_cache import (
+from app.runtime.backends import backend_missing
+from app.runtime.engine import Engine
+from app.runtime.machine import cores, cpu_has_native_bf16
+from app.runtime.plan import EngineOptions, ForwardPlan
+from app.runtime.tuning.agreement import PROBES, agreement, probe_batch, reference_outputs
+from app.runtime.tuning.cache import (
     cache_key,
     cache_root,
-    cores,
     machine_identity,
     model_fingerprint,
     read_entry,
     write_entry,
 )
-from app.tuning_report import Trial, TuningReport, agreement
+from app.runtime.tuning.report import Trial, TuningReport
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +51,8 @@ NOISE = 0.05  # a candidate must beat the default plan by more than this to repl
 ROUNDS = 2
 STAGE1_SHARE = 0.4  # of the budget, for timing the numeric paths
 COMPILE_MIN_BUDGET_S = 120.0  # torch.compile's warm-up is 15-30 s a shape on a small CPU
-PROBES = 8
 
 EngineFactory = Callable[[ForwardPlan], Engine]
-
-
-def probe_batch(input_size: int, n: int = PROBES) -> torch.Tensor:
-    """Fixed, image-like inputs: smooth random colour fields plus fine noise (pure noise
-    gives near-uniform outputs, where agreement says little)."""
-    g = torch.Generator().manual_seed(0)
-    coarse = torch.randn(n, 3, 6, 6, generator=g) * 1.5
-    smooth = torch.nn.functional.interpolate(coarse, size=(input_size, input_size), mode="bicubic")
-    return smooth + 0.3 * torch.randn(n, 3, input_size, input_size, generator=g)
-
-
-def reference_outputs(model: LoadedModel, probes: torch.Tensor) -> ViewOutputs:
-    """The plain float32 network, no rewrites: what every candidate must agree with."""
-    with torch.inference_mode():
-        x = probes.to(model.device)
-        f = model.features(x).float()
-        return ViewOutputs(f, model.head(f).float())
 
 
 def numeric_paths(
@@ -150,7 +133,7 @@ class Tuner:
 
     def __init__(self, model: LoadedModel, options: EngineOptions, factory: EngineFactory):
         self.model, self.options, self.factory = model, options, factory
-        self.default = options.forward_plan(model.device.type, cores())
+        self.default = options.forward_plan(model.device.type)
         self.engines: dict[tuple[str, str, bool], Engine] = {}
         self.trials: list[Trial] = []
 
@@ -259,7 +242,7 @@ class Tuner:
 
 def tuning_key(model: LoadedModel, options: EngineOptions, budget_s: float) -> str:
     device = model.device
-    default = options.forward_plan(device.type, cores())
+    default = options.forward_plan(device.type)
     space = {
         "paths": numeric_paths(options, device, default, budget_s),
         "shapes": shapes(options, device),

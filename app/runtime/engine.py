@@ -1,7 +1,9 @@
 """One model on one device: stacks of views in, per-view features and logits out.
 
-The engine owns the numeric path (device, dtype, inference rewrites, chunking, compile);
-``app/pipeline.py`` owns everything around it (decode, views, averaging, the answer).
+The engine owns the numeric path (device, dtype, runtime backend, inference rewrites,
+batch-norm sets, chunking, compile), run by a ``ForwardPlan``. It knows nothing of requests
+or answers: ``app/pipeline.py`` owns everything around it (decode, views, averaging,
+top-k). ``app/runtime/load.py`` is the one way a model becomes an engine.
 """
 
 from __future__ import annotations
@@ -15,23 +17,21 @@ from typing import Any
 
 import torch
 
-from app.bn_sets import nearest_resolution, with_bn_set
 from app.errors import InvalidRequestError
-from app.fusion import FusionReport, fuse_for_inference
 from app.model_config import ModelConfig
-from app.options import EngineOptions, ForwardPlan
-from app.repository import LoadedModel, ModelRepository
-from app.request import Level
-from app.schemas import TopClass
-from app.tta.averaging import average_probabilities
+from app.repository import LoadedModel
+from app.runtime.backends import OpenVinoForward, build_backend
+from app.runtime.bn_sets import nearest_resolution, with_bn_set
+from app.runtime.fusion import FusionReport, fuse_for_inference
+from app.runtime.plan import EngineOptions, ForwardPlan
 from app.tta.preprocess import ViewGroup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """CUDA when there is one (or when asked for), else the CPU."""
-    if requested == "auto":
+def pick_device(requested: str | None = None) -> torch.device:
+    """The requested device; unset (or ``auto``): CUDA when there is one, else the CPU."""
+    if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
 
@@ -72,24 +72,24 @@ class Engine:
         if dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be auto or one of {', '.join(DTYPES)}")
         self.options = options
-        self.tuning: Any = None  # the TuningReport when the plan was tuned (app/tuning.py)
+        self.tuning: Any = (
+            None  # the TuningReport when the plan was tuned (app/runtime/tuning/tuner.py)
+        )
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         # one network per batch-norm set (the model's own at its input size): views run with
-        # the set nearest their shorter side (app/bn_sets.py)
+        # the set nearest their shorter side (app/runtime/bn_sets.py)
         networks = {model.cfg.input_size: model.network}
         for size, rel in sorted(model.cfg.bn_sets.items()):
             folder = model.cfg.folder or Path(".")
             networks[size] = with_bn_set(model.network, folder / rel).eval()
         # batch norms folded, SAME paddings static, activations fused: about 2.2x the
-        # end-to-end throughput on CPU (app/fusion.py, `midserve bench` fusion_speedup); the
+        # end-to-end throughput on CPU (app/runtime/fusion.py, `midserve bench` fusion_speedup); the
         # caller's network is left as it is (fine-tuning trains its batch norms)
         self.fusion: FusionReport | None = None
-        # another runtime runs the whole forward (app/backends.py); torch keeps the head
-        self._backend: Any = None
+        # another runtime runs the whole forward (app/runtime/backends.py); torch keeps the head
+        self._backend: OpenVinoForward | None = None
         if plan.backend != "torch":
-            from app.backends import build_backend
-
             self._backend = build_backend(model, plan, len(networks) > 1, options)
             if self._backend is None:
                 plan = dataclasses.replace(plan, backend="torch")
@@ -181,34 +181,9 @@ class Engine:
         """Views of several shapes, a forward per shape; outputs in view order."""
         return ViewOutputs.in_view_order([(g.indices, self.run_views(g.batch)) for g in groups])
 
-    # -- from view outputs to classes ---------------------------------------------------
-    def _top(self, probs: torch.Tensor, indices: torch.Tensor) -> list[TopClass]:
-        labels = self.model.labels
-        return [
-            TopClass(index=int(i), synset=labels.ids[i], label=labels.names[i], prob=float(p))
-            for p, i in zip(probs.tolist(), indices.tolist(), strict=True)
-        ]
-
     @torch.inference_mode()
-    def summarize(
-        self, outputs: ViewOutputs, level: Level, top_k: int
-    ) -> tuple[torch.Tensor, list[TopClass], list[TopClass]]:
-        """Averaged probabilities, their top-k, and each view's own top-1."""
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier on (averaged) features, in the engine's dtype: feature-level
+        averaging runs it once per image, after the views' forwards."""
         with self._autocast():
-            probs = average_probabilities(outputs.features, outputs.logits, self.model.head, level)
-        probs = probs.float().cpu()
-        values, indices = probs.topk(min(top_k, probs.shape[0]))
-        view_probs = torch.softmax(outputs.logits.float(), dim=-1).cpu()
-        best_p, best_i = view_probs.max(dim=-1)
-        return probs, self._top(values, indices), self._top(best_p, best_i)
-
-
-def load_engine(repository: ModelRepository, name: str, options: EngineOptions) -> Engine:
-    """The one way a served, evaluated or benchmarked model becomes an engine: tuned for
-    this machine when ``options.tune`` (app/tuning.py), else by the options' defaults."""
-    model = repository.load(name, pick_device(options.device))
-    if options.tune:
-        from app.tuning import tuned_engine
-
-        return tuned_engine(model, options)
-    return Engine(model, options)
+            return self.model.head(features).float()

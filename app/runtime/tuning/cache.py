@@ -12,41 +12,23 @@ import hashlib
 import json
 import logging
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from app.repository import LoadedModel
+from app.runtime.machine import cores, cpu_name
 
 log = logging.getLogger(__name__)
 
 
-def cache_root(configured: str = "") -> Path:
+def cache_root(configured: Path | None = None) -> Path:
     """The tuning cache folder: the setting, else $XDG_CACHE_HOME/midserve/tuning."""
-    if configured:
-        return Path(configured)
+    if configured is not None:
+        return configured
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "midserve" / "tuning"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def machine_identity(device: torch.device) -> dict[str, Any]:
