@@ -8,8 +8,9 @@ of that shape from every queued request join it, up to ``max_batch_views`` view-
 stays bounded whatever the shape); requests are split across forwards when needed. Nothing
 is padded, so global pooling sees exactly the view's pixels. Flush on size or after
 ``max_wait_s``; one Future per request; results go back in view order; a failing forward
-fails only the requests in that batch. When the queue holds ``max_queue_views``
-view-equivalents, new work is refused at once (503 upstream).
+fails only the requests in that batch. Up to the plan's ``workers`` forwards run at once;
+while every worker is busy the next batch keeps filling. When the queue holds
+``max_queue_views`` view-equivalents, new work is refused at once (503 upstream).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def split_on_oom(
 
 
 class ViewBatcher:
-    """One per served model; forwards run one at a time on a dedicated thread."""
+    """One per served model; up to ``workers`` forwards run at once, each on a thread of
+    its own with ``threads`` intra-op threads (the plan's team)."""
 
     def __init__(
         self,

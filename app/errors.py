@@ -1,4 +1,5 @@
-"""Domain errors. Nothing here knows about HTTP: the API layer maps them to status codes."""
+"""Domain errors. Nothing here knows about HTTP: the API layer maps each ``kind`` to a
+status code; the same ``kind`` labels the error metrics and the JSON error body."""
 
 from __future__ import annotations
 
@@ -6,17 +7,25 @@ from __future__ import annotations
 class MidserveError(Exception):
     """Base class of every error midserve raises on purpose."""
 
+    kind = "internal_error"
+
 
 class InvalidImageError(MidserveError):
     """The bytes are not an image we can decode (empty, truncated, unsupported format)."""
+
+    kind = "invalid_image"
 
 
 class ImageTooLargeError(MidserveError):
     """The image (or request body) is larger than a configured limit."""
 
+    kind = "too_large"
+
 
 class InvalidRequestError(MidserveError):
     """A request parameter is malformed or out of range (views spec, level, top_k, label...)."""
+
+    kind = "invalid_request"
 
 
 class LimitExceededError(InvalidRequestError):
@@ -25,6 +34,8 @@ class LimitExceededError(InvalidRequestError):
 
 class UnknownModelError(MidserveError):
     """A model name that is not in the model repository."""
+
+    kind = "unknown_model"
 
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
@@ -58,9 +69,13 @@ class WeightsMismatchError(ModelLoadError):
 class ModelNotReadyError(MidserveError):
     """The model exists but is still loading, or failed to load."""
 
+    kind = "model_not_ready"
+
 
 class OverloadedError(MidserveError):
     """The batch queue is full; the client should retry later."""
+
+    kind = "overloaded"
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
@@ -69,6 +84,8 @@ class OverloadedError(MidserveError):
 
 class DeadlineExceededError(MidserveError):
     """A request did not finish within its deadline."""
+
+    kind = "deadline_exceeded"
 
 
 class DataError(MidserveError):

@@ -1,15 +1,18 @@
-"""The served models and the per-image request pipeline (no HTTP in here).
+"""The served models and the request pipeline (no HTTP in here).
 
 Models load in the background after start-up, so ``/healthz`` answers at once and
 ``/readyz`` says which models are still loading or failed; a model that fails to load does
-not stop the others from serving.
+not stop the others from serving. Every classify metric (requests, images, stages, views,
+accuracy from labelled images) is observed here, so the routes only translate HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -21,7 +24,9 @@ from app.config import Settings
 from app.errors import (
     DeadlineExceededError,
     EvalResultsError,
+    MidserveError,
     ModelNotReadyError,
+    OverloadedError,
     UnknownModelError,
 )
 from app.eval_results import EVAL_FILE, read_eval_results
@@ -35,6 +40,19 @@ from app.runtime.plan import EngineOptions
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed"]
+
+
+Outcome = Prediction | MidserveError  # one image's answer, or why it has none
+
+
+@dataclass
+class RequestRecord:
+    """What the metrics say of one classify request; the route fills it in as it learns."""
+
+    model: str
+    level: str = "unknown"
+    status: int = 500
+    error: MidserveError | None = None
 
 
 @dataclass
@@ -165,6 +183,63 @@ class ClassifyService:
         if name not in self.slots:
             raise UnknownModelError(name, list(self.slots))
         return self.slots[name]
+
+    # -- one request ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def observed(self, model: str) -> Iterator[RequestRecord]:
+        """A classify request in flight; on exit its latency (by level and status) and a
+        request-wide error are counted."""
+        m = self.metrics
+        record = RequestRecord(model)
+        started = time.perf_counter()
+        m.in_flight.inc()
+        try:
+            yield record
+        finally:
+            m.in_flight.dec()
+            if record.error is not None:
+                m.errors.labels(model, record.error.kind).inc()
+            m.request_duration.labels(model, record.level, str(record.status)).observe(
+                time.perf_counter() - started
+            )
+
+    async def classify(
+        self,
+        slot: ModelSlot,
+        images: Sequence[bytes],
+        request: ClassifyRequest,
+        labels: Sequence[int | None],
+        deadline: float,
+    ) -> list[Outcome]:
+        """Every image of one request, each through the pipeline at once. An image that
+        fails on its own (bad bytes, too many views) comes back as its error; a failure of
+        the whole request (overload, deadline) raises, as does anything that is not a
+        domain error (a server bug)."""
+        gathered = await asyncio.gather(
+            *(self.classify_image(slot, data, request, deadline) for data in images),
+            return_exceptions=True,
+        )
+        for fatal in (OverloadedError, DeadlineExceededError):
+            for outcome in gathered:
+                if isinstance(outcome, fatal):
+                    raise outcome
+        outcomes: list[Outcome] = []
+        for outcome in gathered:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, MidserveError):
+                raise outcome
+            outcomes.append(outcome)
+        m = self.metrics
+        for outcome, label in zip(outcomes, labels, strict=True):
+            if isinstance(outcome, MidserveError):
+                m.images.labels(slot.name, "refused").inc()
+                m.errors.labels(slot.name, outcome.kind).inc()
+                continue
+            m.images.labels(slot.name, "classified").inc()
+            if label is not None:
+                m.observe_accuracy(
+                    slot.name, outcome.level, outcome.policy, label, outcome.ranked()
+                )
+        return outcomes
 
     # -- one image ------------------------------------------------------------------
     async def classify_image(

@@ -11,14 +11,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from app.errors import (
-    DeadlineExceededError,
     ImageTooLargeError,
-    InvalidImageError,
     InvalidRequestError,
     MidserveError,
     ModelNotReadyError,
     OverloadedError,
-    UnknownModelError,
 )
 
 log = logging.getLogger(__name__)
@@ -27,38 +24,44 @@ log = logging.getLogger(__name__)
 class UnsupportedMediaError(InvalidRequestError):
     """The request body is neither multipart nor an image."""
 
+    kind = "unsupported_media_type"
+
 
 class UnauthorizedError(MidserveError):
     """Missing or wrong bearer token."""
 
+    kind = "unauthorized"
+
 
 class BodyTimeoutError(MidserveError):
     """The client sent its body too slowly (slow-loris protection)."""
+
+    kind = "request_timeout"
 
 
 class BodyTooLargeError(ImageTooLargeError):
     """A streamed (chunked) body grew past the limit while it was being read."""
 
 
-# (status, type) per domain error; the first matching class wins, so order subclasses first.
-STATUS: list[tuple[type[MidserveError], int, str]] = [
-    (UnknownModelError, 404, "unknown_model"),
-    (UnsupportedMediaError, 415, "unsupported_media_type"),
-    (InvalidRequestError, 422, "invalid_request"),
-    (InvalidImageError, 422, "invalid_image"),
-    (ImageTooLargeError, 413, "too_large"),
-    (UnauthorizedError, 401, "unauthorized"),
-    (BodyTimeoutError, 408, "request_timeout"),
-    (OverloadedError, 503, "overloaded"),
-    (ModelNotReadyError, 503, "model_not_ready"),
-    (DeadlineExceededError, 504, "deadline_exceeded"),
-]
+# the status of each error kind; any other error is a server bug: 500
+STATUS = {
+    "unknown_model": 404,
+    "unsupported_media_type": 415,
+    "invalid_request": 422,
+    "invalid_image": 422,
+    "too_large": 413,
+    "unauthorized": 401,
+    "request_timeout": 408,
+    "overloaded": 503,
+    "model_not_ready": 503,
+    "deadline_exceeded": 504,
+}
 
 
 def classify_error(exc: MidserveError) -> tuple[int, str]:
-    for cls, status, kind in STATUS:
-        if isinstance(exc, cls):
-            return status, kind
+    """(HTTP status, error type) of a domain error."""
+    if exc.kind in STATUS:
+        return STATUS[exc.kind], exc.kind
     return 500, "internal_error"
 
 

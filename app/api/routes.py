@@ -1,11 +1,11 @@
-"""Routes: classify, model listing, probes, metrics. Routes never touch tensors."""
+"""Routes: classify, model listing, probes, metrics. Routes translate HTTP to the service
+and back: no tensors and no metrics observed in here."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -24,12 +24,10 @@ from app.api.model_info import model_out, safe_model_out
 from app.api.params import PARAM_NAMES, classify_openapi, parse_classify_params
 from app.config import Settings
 from app.errors import (
-    DeadlineExceededError,
     InvalidImageError,
     InvalidRequestError,
     LimitExceededError,
     MidserveError,
-    OverloadedError,
 )
 from app.schemas import (
     ClassifyResponse,
@@ -40,7 +38,7 @@ from app.schemas import (
     ModelOut,
     Readiness,
 )
-from app.service import ClassifyService, ModelSlot
+from app.service import ClassifyService, Outcome
 
 router = APIRouter()
 probes = APIRouter()
@@ -132,51 +130,37 @@ async def classify(
     slot = service.slot(model)
     pipeline, _ = slot.ready()
     engine = pipeline.engine
-    level_for_metrics = "unknown"
-    service.metrics.in_flight.inc()
-    try:
-        images, fields = await read_images(request, settings)
-        raw: dict[str, list[str]] = {}
-        for key, value in request.query_params.multi_items():
-            raw.setdefault(key, []).append(value)
-        for key, values in fields.items():
-            raw.setdefault(key, []).extend(values)
-        params = parse_classify_params(raw, engine.cfg, engine.model.labels, settings, len(images))
-        level_for_metrics = params.request.level
-        deadline = started + settings.request_timeout_s
-        outcomes = await asyncio.gather(
-            *(service.classify_image(slot, data, params.request, deadline) for _, data in images),
-            return_exceptions=True,
-        )
-        response = _classify_response(slot, images, params.labels, outcomes, started, service)
-    except MidserveError as exc:
-        response = error_response(exc)
-        service.metrics.errors.labels(model, classify_error(exc)[1]).inc()
-    finally:
-        service.metrics.in_flight.dec()
-    service.metrics.request_duration.labels(
-        model, level_for_metrics, str(response.status_code)
-    ).observe(time.perf_counter() - started)
+    with service.observed(model) as record:
+        try:
+            images, fields = await read_images(request, settings)
+            raw: dict[str, list[str]] = {}
+            for key, value in request.query_params.multi_items():
+                raw.setdefault(key, []).append(value)
+            for key, values in fields.items():
+                raw.setdefault(key, []).extend(values)
+            labels = engine.model.labels
+            params = parse_classify_params(raw, engine.cfg, labels, settings, len(images))
+            record.level = params.request.level
+            deadline = started + settings.request_timeout_s
+            outcomes = await service.classify(
+                slot, [data for _, data in images], params.request, params.labels, deadline
+            )
+            response = _classify_response(slot.name, images, params.labels, outcomes, started)
+        except MidserveError as exc:
+            response = error_response(exc)
+            record.error = exc
+        record.status = response.status_code
     return response
 
 
 def _classify_response(
-    slot: ModelSlot,
+    model: str,
     images: list[tuple[str | None, bytes]],
     labels: list[int | None],
-    outcomes: list[Any],
+    outcomes: list[Outcome],
     started: float,
-    service: ClassifyService,
 ) -> Response:
-    """Per-image results; a request-wide failure (overload, deadline) wins over the rest."""
-    for fatal in (OverloadedError, DeadlineExceededError):
-        for outcome in outcomes:
-            if isinstance(outcome, fatal):
-                raise outcome
-    for outcome in outcomes:  # anything that is not a domain error is a server bug: 500
-        if isinstance(outcome, BaseException) and not isinstance(outcome, MidserveError):
-            raise outcome
-    metrics = service.metrics
+    """Per-image results; when every image failed, the first failure's status."""
     results: list[ImageResult] = []
     first_error: MidserveError | None = None
     for index, ((filename, _), label, outcome) in enumerate(
@@ -184,17 +168,11 @@ def _classify_response(
     ):
         if isinstance(outcome, MidserveError):
             first_error = first_error or outcome
-            _, kind = classify_error(outcome)
-            metrics.images.labels(slot.name, "refused").inc()
-            metrics.errors.labels(slot.name, kind).inc()
-            error = ErrorDetail(type=kind, message=str(outcome))
+            error = ErrorDetail(type=classify_error(outcome)[1], message=str(outcome))
             results.append(ImageResult(index=index, file=filename, error=error))
             continue
-        metrics.images.labels(slot.name, "classified").inc()
         result = outcome.result(index, filename)
         if label is not None:
-            ranked = outcome.probs.topk(min(5, outcome.probs.shape[0])).indices.tolist()
-            metrics.observe_accuracy(slot.name, outcome.level, outcome.policy, label, ranked)
             result.label = label
         results.append(result)
     total_ms = round((time.perf_counter() - started) * 1000.0, 3)
@@ -203,7 +181,7 @@ def _classify_response(
         body = error_body(kind, str(first_error))
         body["results"] = [r.model_dump(exclude_unset=True) for r in results]
         return JSONResponse(body, status_code=status)
-    response = ClassifyResponse(model=slot.name, results=results, timings_ms={"total": total_ms})
+    response = ClassifyResponse(model=model, results=results, timings_ms={"total": total_ms})
     # unset fields stay out of the JSON: a result has either its answer or its error
     return JSONResponse(response.model_dump(exclude_unset=True))
 
