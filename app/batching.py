@@ -23,78 +23,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
+from app.batch_items import BatchTimings, Job, Piece
 from app.errors import OverloadedError
 from app.metrics import Metrics
 from app.runtime.engine import ViewOutputs
 from app.tta.preprocess import ViewGroup
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BatchTimings:
-    queue_wait_s: float = 0.0
-    forward_s: float = 0.0
-    batches: int = 0
-
-
-@dataclass
-class _Job:
-    groups: list[ViewGroup]
-    future: asyncio.Future[tuple[ViewOutputs, BatchTimings]]
-    enqueued_at: float
-    done: list[tuple[int, int, ViewOutputs]] = field(default_factory=list)  # group, start
-    done_views: int = 0
-    timings: BatchTimings = field(default_factory=BatchTimings)
-    started: bool = False
-
-    @property
-    def size(self) -> int:
-        return sum(len(g.indices) for g in self.groups)
-
-    @property
-    def abandoned(self) -> bool:
-        return self.future.done()
-
-    def merged(self) -> ViewOutputs:
-        """Every group's rows, in the request's view order."""
-        parts = []
-        for gi, group in enumerate(self.groups):
-            pieces = sorted(((start, out) for g, start, out in self.done if g == gi),
-                            key=lambda item: item[0])  # fmt: skip
-            features = torch.cat([out.features for _, out in pieces])
-            logits = torch.cat([out.logits for _, out in pieces])
-            parts.append((group.indices, ViewOutputs(features, logits)))
-        return ViewOutputs.in_view_order(parts)
-
-
-@dataclass
-class _Piece:
-    job: _Job
-    group: int
-    start: int
-    stop: int
-    view_cost: float  # view-equivalents of one view of this shape
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def cost(self) -> float:
-        return self.size * self.view_cost
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.job.groups[self.group].batch.shape[-2:])
-
-    @property
-    def views(self) -> torch.Tensor:
-        return self.job.groups[self.group].batch[self.start : self.stop]
 
 
 def split_on_oom(
@@ -146,7 +84,7 @@ class ViewBatcher:
         self.max_queue_views = max_queue_views
         self.metrics = metrics
         self.view_pixels = view_pixels
-        self._pending: deque[_Piece] = deque()
+        self._pending: deque[Piece] = deque()
         self._queued_views = 0.0  # view-equivalents
         self._wakeup = asyncio.Event()
         # Several forwards may run at once, each on its own thread: on a small CPU, two
@@ -198,32 +136,60 @@ class ViewBatcher:
             return 1.0
         return max(1.0, self._queued_views / self._views_per_s)
 
+    def reserve(self, cost: float) -> float:
+        """Hold ``cost`` view-equivalents of the queue for views still being cut (an image
+        going on to its next stage), so it counts against the bound while it waits; raises
+        OverloadedError when they do not fit. Pass it to ``submit(reserved=...)`` or give
+        it back with ``release``."""
+        if self._queued_views + cost > self.max_queue_views:
+            raise OverloadedError(
+                f"queue full ({self._queued_views:.0f} view-equivalents waiting, the next "
+                f"stage of this image {cost:.1f}, limit {self.max_queue_views})",
+                retry_after_s=self.retry_after_s(),
+            )
+        self._set_queue(self._queued_views + cost)
+        return cost
+
+    def release(self, reserved: float) -> None:
+        self._set_queue(self._queued_views - reserved)
+
     async def submit(
-        self, views: torch.Tensor | list[ViewGroup], timeout_s: float
+        self,
+        views: torch.Tensor | list[ViewGroup],
+        timeout_s: float,
+        *,
+        enqueued_at: float | None = None,
+        reserved: float = 0.0,
     ) -> tuple[ViewOutputs, BatchTimings]:
         """Queue the views of one image (one stack of one shape, or groups by shape);
         raises OverloadedError when the queue is full and TimeoutError after ``timeout_s``
-        (its queued views are then dropped, not run). Outputs come back in view order."""
+        (its queued views are then dropped, not run). Outputs come back in view order.
+
+        ``enqueued_at``: when the image first arrived, for the later stage of a staged
+        policy: its views go ahead of work that arrived after it. ``reserved``: queue room
+        held for these views by ``reserve`` (consumed here, whatever happens)."""
         if isinstance(views, torch.Tensor):
             views = [ViewGroup(list(range(int(views.shape[0]))), views)]
-        pieces: list[_Piece] = []
+        pieces: list[Piece] = []
         loop = asyncio.get_running_loop()
-        job = _Job(groups=views, future=loop.create_future(), enqueued_at=time.perf_counter())
+        now = time.perf_counter()
+        job = Job(views, loop.create_future(), enqueued_at or now, now)
         for gi, group in enumerate(views):
             n, view_cost = int(group.batch.shape[0]), self.view_cost(group.batch.shape)
             step = max(1, int(self.max_batch_views / view_cost))
             pieces += [
-                _Piece(job, gi, start, min(n, start + step), view_cost)
+                Piece(job, gi, start, min(n, start + step), view_cost)
                 for start in range(0, n, step)
             ]
         cost = sum(p.cost for p in pieces)
+        self.release(reserved)
         if self._queued_views + cost > self.max_queue_views:
             raise OverloadedError(
                 f"queue full ({self._queued_views:.0f} view-equivalents waiting, this image "
                 f"{cost:.1f}, limit {self.max_queue_views})",
                 retry_after_s=self.retry_after_s(),
             )
-        self._pending.extend(pieces)
+        self._enqueue(pieces, job.enqueued_at)
         self._set_queue(self._queued_views + cost)
         self._wakeup.set()
         try:
@@ -232,7 +198,16 @@ class ViewBatcher:
             self._abandon(job)
             raise
 
-    def _abandon(self, job: _Job) -> None:
+    def _enqueue(self, pieces: list[Piece], enqueued_at: float) -> None:
+        """At the end, or for an older image's later stage, before the first newer work."""
+        pending = self._pending
+        if not pending or pending[-1].job.enqueued_at <= enqueued_at:
+            pending.extend(pieces)
+            return
+        at = next(i for i, p in enumerate(pending) if p.job.enqueued_at > enqueued_at)
+        self._pending = deque([*list(pending)[:at], *pieces, *list(pending)[at:]])
+
+    def _abandon(self, job: Job) -> None:
         """Drop a timed-out or cancelled request's queued views so no forward runs them."""
         if not job.future.done():
             job.future.cancel()
@@ -254,7 +229,7 @@ class ViewBatcher:
         share = math.ceil(self._queued_views / (self._idle_workers + 1) - 1e-9)
         return max(1, min(self.max_batch_views, share))
 
-    def _take_batch(self) -> list[_Piece]:
+    def _take_batch(self) -> list[Piece]:
         """Views of one shape, the oldest waiting view's, up to batch_size_now()
         view-equivalents, in arrival order; a piece that does not fit is split."""
         while self._pending and self._pending[0].job.abandoned:
@@ -264,8 +239,8 @@ class ViewBatcher:
         shape = self._pending[0].shape
         room = self.batch_size_now()
         now = time.perf_counter()
-        batch: list[_Piece] = []
-        kept: deque[_Piece] = deque()
+        batch: list[Piece] = []
+        kept: deque[Piece] = deque()
         while self._pending:
             piece = self._pending.popleft()
             if piece.job.abandoned:
@@ -278,15 +253,13 @@ class ViewBatcher:
             n = max(1, fits)  # the first piece runs even if one of its views exceeds the room
             taken = piece
             if piece.size > n:
-                taken = _Piece(
-                    piece.job, piece.group, piece.start, piece.start + n, piece.view_cost
-                )
+                taken = Piece(piece.job, piece.group, piece.start, piece.start + n, piece.view_cost)
                 piece.start += n
                 kept.append(piece)
             batch.append(taken)
             if not taken.job.started:
                 taken.job.started = True
-                taken.job.timings.queue_wait_s = now - taken.job.enqueued_at
+                taken.job.timings.queue_wait_s = now - taken.job.submitted_at
             room -= taken.cost
             self._set_queue(self._queued_views - taken.cost)
         self._pending = kept
@@ -334,7 +307,7 @@ class ViewBatcher:
         self._idle_workers += 1
         self._free_workers.release()
 
-    async def _forward(self, batch: list[_Piece]) -> None:
+    async def _forward(self, batch: list[Piece]) -> None:
         """One forward pass on a worker thread, then each request gets its rows."""
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
@@ -371,7 +344,7 @@ class ViewBatcher:
             self.metrics.batch_requests.labels(self.model_name).observe(n_jobs)
 
     @staticmethod
-    def _deliver(batch: list[_Piece], outputs: ViewOutputs, elapsed: float) -> None:
+    def _deliver(batch: list[Piece], outputs: ViewOutputs, elapsed: float) -> None:
         offset = 0
         counted: set[int] = set()
         for piece in batch:

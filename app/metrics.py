@@ -16,6 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from app.answers import GateRecord
+    from app.pipeline import Prediction
     from app.runtime.plan import ForwardPlan
     from app.runtime.tuning.report import TuningReport
 
@@ -23,6 +25,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+SIGNAL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 VIEW_BUCKETS = (1, 2, 4, 5, 8, 10, 16, 20, 30, 32, 40, 64, 128, 256, 512)
 STAGES = ("decode", "preprocess", "queue_wait", "forward", "postprocess")
 
@@ -94,6 +97,16 @@ class Metrics:
             "midserve_view_equivalents_per_request",
             "Compute per image: pixels of its views over one view at the model's input size",
             ["model"], buckets=VIEW_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.escalated = Counter(
+            "midserve_images_escalated_total",
+            "Images a staged policy's gate sent on to a later stage, by stage",
+            ["model", "stage"], registry=r,
+        )  # fmt: skip
+        self.gate_signal = Histogram(
+            "midserve_gate_signal",
+            "Gate signal of staged policies (top-1 prob, margin or view agreement)",
+            ["model", "signal"], buckets=SIGNAL_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_views = Histogram(
             "midserve_batch_views", "Views per forward pass (batch fill)", ["model"],
@@ -185,6 +198,17 @@ class Metrics:
                 self.tuning_views_per_s.labels(model, trial.plan.describe(), chosen).set(
                     trial.views_per_s
                 )
+
+    def observe_prediction(
+        self, model: str, pred: Prediction, gates: Iterable[GateRecord] = ()
+    ) -> None:
+        """One answered image: its stage timings, views, compute and gate signals."""
+        for stage, seconds in pred.timings.items():
+            self.stage_duration.labels(model, stage).observe(seconds)
+        self.views_per_request.labels(model).observe(len(pred.views))
+        self.compute_per_request.labels(model).observe(pred.view_equivalents)
+        for record in gates:
+            self.gate_signal.labels(model, record.gate.signal).observe(record.value)
 
     def observe_accuracy(
         self, model: str, level: str, policy: str, label: int, ranked: Iterable[int]

@@ -1,7 +1,8 @@
 """The per-image pipeline that the server, the CLI and evaluation share:
 prepare (decode once, resize once, plan views, cut them as slices of one tensor)
 -> forward (the engine, directly or through the server's cross-request batcher)
--> predict (average at the asked level, top-k, view boxes, timings).
+-> [staged policies: gate on the calibrated answer so far; cut the next stage; forward]
+-> predict (average at the asked level, calibrate, top-k, view boxes, timings).
 
 The engine only turns views into features and logits; averaging and ranking happen here,
 and the edges (the JSON API, the CLI) only translate a ``Prediction``.
@@ -15,14 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.answers import GateRecord, next_gate, staged_answer, top_classes
 from app.errors import LimitExceededError
-from app.labels import LabelSet
 from app.model_config import ModelConfig
 from app.request import ClassifyRequest, Level
 from app.runtime.engine import Engine, ViewOutputs
-from app.schemas import ImageResult, TopClass, ViewBox
+from app.schemas import ImageResult, StageOut, TopClass, ViewBox
 from app.tta.adaptive import resolve_spec
-from app.tta.averaging import average_probabilities
 from app.tta.limits import DecodeLimits
 from app.tta.preprocess import (
     PreparedImage,
@@ -31,12 +31,12 @@ from app.tta.preprocess import (
     decode_image,
     prepare_image,
 )
+from app.tta.stages import StagedPolicy, parse_policy
 from app.tta.views import (
     View,
     ViewGeometry,
     ViewSpec,
     boxes_in_original,
-    parse_view_spec,
     plan_image_views,
     view_equivalents,
 )
@@ -47,14 +47,33 @@ JPEG_DRAFT_MARGIN = 2
 
 @dataclass
 class PreparedViews:
-    """An image decoded, resized, planned and cut into views: ready for a forward pass."""
+    """An image decoded, resized, planned and cut into views: ready for a forward pass.
+
+    Every stage's views are planned at once (so a staged run plans exactly what a one-shot
+    run of the same views plans); ``groups`` holds the current stage's views only, and a
+    later stage is cut from the same decoded image when its gate lets the image go on."""
 
     image: PreparedImage
-    views: list[View]
+    views: list[View]  # every stage's views, in stage order
     seed: int
-    spec: ViewSpec  # as used: ``auto`` resolved for this image
-    groups: list[ViewGroup]  # the views by shape, stacked channels_last
+    policy: StagedPolicy  # as used: ``auto`` resolved for this image
+    stage_ends: list[int]  # views[: stage_ends[k]] are the views of stages 1 .. k + 1
+    groups: list[ViewGroup]  # the current stage's views by shape, stacked channels_last
     timings: dict[str, float]  # seconds: decode, preprocess
+    stages_run: int = 1
+    gates: list[GateRecord] = field(default_factory=list)
+
+    @property
+    def views_run(self) -> list[View]:
+        return self.views[: self.stage_ends[self.stages_run - 1]]
+
+    @property
+    def last_stage(self) -> bool:
+        return self.stages_run == len(self.stage_ends)
+
+    @property
+    def next_stage_views(self) -> list[View]:
+        return self.views[self.stage_ends[self.stages_run - 1] : self.stage_ends[self.stages_run]]
 
 
 @dataclass
@@ -63,13 +82,17 @@ class Prediction:
 
     top: list[TopClass]
     level: Level
-    views: list[View]
+    views: list[View]  # the views run
     spec: str  # what was run (``auto`` resolved for this image)
     policy: str  # what was asked for: the spec, or "auto"
     seed: int
     boxes: list[list[float]]
     view_top1: list[TopClass]
     probs: torch.Tensor  # [C]
+    view_equivalents: float = 0.0
+    agreement: float = 1.0  # share of the views whose own top-1 is the answer's
+    temperature: float = 1.0
+    stages: list[StageOut] | None = None  # staged policies: what each stage did
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     def ranked(self, k: int = 5) -> list[int]:
@@ -77,12 +100,15 @@ class Prediction:
         return self.probs.topk(min(k, self.probs.shape[0])).indices.tolist()
 
     def result(self, index: int = 0, file: str | None = None) -> ImageResult:
-        return ImageResult(
+        result = ImageResult(
             index=index,
             file=file,
             top=self.top,
             level=self.level,
             views=len(self.views),
+            view_equivalents=round(self.view_equivalents, 4),
+            agreement=round(self.agreement, 4),
+            temperature=self.temperature,
             spec=self.spec,
             policy=self.policy,
             seed=self.seed,
@@ -93,6 +119,9 @@ class Prediction:
             view_top1=self.view_top1,
             timings_ms={k: round(v * 1000.0, 3) for k, v in self.timings.items()},
         )
+        if self.stages:  # set only here, so a plain policy's JSON has no "stages"
+            result.stages = self.stages
+        return result
 
 
 class ImagePreparer:
@@ -112,7 +141,7 @@ class ImagePreparer:
     ) -> None:
         self.cfg, self.device, self.limits = cfg, device, limits
         self.geometry = ViewGeometry(cfg.input_size, cfg.crop_pct, cfg.resize_size, stride)
-        self.measured_auto = parse_view_spec(cfg.auto_views) if cfg.auto_views else None
+        self.measured_auto = parse_policy(cfg.auto_views) if cfg.auto_views else None
         # opt-in: large JPEGs decoded at 1/2-1/8 scale, still at least twice the resize size
         self.draft_min_side = JPEG_DRAFT_MARGIN * cfg.resize_size if jpeg_draft else 0
 
@@ -125,32 +154,57 @@ class ImagePreparer:
         )
         return image, time.perf_counter() - t0
 
-    def plan(
-        self, image: PreparedImage, spec: ViewSpec, seed: int | None
-    ) -> tuple[list[View], int, ViewSpec]:
-        """View boxes, the seed used (drawn when missing, so the answer can be reproduced)
-        and the spec used (``auto`` resolved for this image's size)."""
-        seed = secrets.randbits(31) if seed is None else seed
+    def resolve(self, policy: StagedPolicy, image: PreparedImage) -> StagedPolicy:
+        """The policy itself, or for ``auto`` the model's measured policy when it has one,
+        else the crop mix this image's resized size earns (app/tta/adaptive.py)."""
+        if not policy.adaptive:
+            return policy
+        if self.measured_auto is not None:
+            return self.measured_auto
         w, h = image.resized_size
-        used = resolve_spec(spec, w, h, self.cfg.input_size, self.measured_auto)
-        views = plan_image_views(used, *image.decoded_size, self.geometry, seed)
+        return StagedPolicy.single(resolve_spec(policy.first, w, h, self.cfg.input_size))
+
+    def plan(
+        self, image: PreparedImage, policy: ViewSpec | StagedPolicy, seed: int | None
+    ) -> tuple[list[View], int, StagedPolicy]:
+        """View boxes of every stage, in stage order, the seed used (drawn when missing, so
+        the answer can be reproduced) and the policy used (``auto`` resolved for this
+        image's size)."""
+        if isinstance(policy, ViewSpec):
+            policy = StagedPolicy.single(policy)
+        seed = secrets.randbits(31) if seed is None else seed
+        used = self.resolve(policy, image)
+        views = plan_image_views(used.joined, *image.decoded_size, self.geometry, seed)
         return views, seed, used
 
     def views(
-        self, data: bytes, spec: ViewSpec, seed: int | None, max_views: int = 0
+        self, data: bytes, policy: ViewSpec | StagedPolicy, seed: int | None, max_views: int = 0
     ) -> PreparedViews:
-        """Decode, plan, resize and cut; ``max_views`` (0: none) bounds both the count and
-        the pixels (in views of the model's input size), checked per image, since ``auto``
-        and whole-image shapes are only known once the image's size is."""
+        """Decode, plan, resize and cut the first stage; ``max_views`` (0: none) bounds both
+        the count and the pixels (in views of the model's input size) of every stage
+        together, checked per image, since ``auto`` and whole-image shapes are only known
+        once the image's size is."""
         image, decode_s = self.image(data)
         t0 = time.perf_counter()
-        views, used_seed, used = self.plan(image, spec, seed)
+        views, used_seed, used = self.plan(image, policy, seed)
+        ends = used.stage_ends
         if max_views:
             self.check_budget(views, max_views)
-        groups = cut_view_groups(image, views)
-        image.source = None  # every tensor the views need is made: free the decoded pixels
+        groups = cut_view_groups(image, views[: ends[0]])
+        if len(ends) == 1:
+            image.source = None  # every tensor the views need is made: free the decoded pixels
         timings = {"decode": decode_s, "preprocess": time.perf_counter() - t0}
-        return PreparedViews(image, views, used_seed, used, groups, timings)
+        return PreparedViews(image, views, used_seed, used, ends, groups, timings)
+
+    def next_stage(self, prepared: PreparedViews) -> None:
+        """Cut the next stage's views from the image decoded for the first (no second
+        decode); the decoded pixels are freed once the last stage is cut."""
+        t0 = time.perf_counter()
+        prepared.groups = cut_view_groups(prepared.image, prepared.next_stage_views)
+        prepared.stages_run += 1
+        if prepared.last_stage:
+            prepared.image.source = None
+        prepared.timings["preprocess"] += time.perf_counter() - t0
 
     def view_equivalents(self, views: list[View]) -> float:
         return view_equivalents(views, self.cfg.input_size)
@@ -178,10 +232,37 @@ class ImagePipeline:
         self.preparer = ImagePreparer(
             engine.cfg, engine.device, o.limits, o.jpeg_draft, engine.model.stride
         )
+        self.temperatures: dict[str, float] = dict(getattr(engine.cfg, "calibration", {}))
 
     def prepare(self, data: bytes, request: ClassifyRequest) -> PreparedViews:
         request.checked(self.engine.cfg.num_classes)
         return self.preparer.views(data, request.spec, request.seed, self.max_views)
+
+    def answer(
+        self, prepared: PreparedViews, outputs: ViewOutputs, level: Level
+    ) -> tuple[torch.Tensor, float]:
+        """The calibrated probabilities [C] after the stages run so far (``outputs``: every
+        view run, in order) and the temperature applied."""
+        return staged_answer(
+            prepared.policy, prepared.stage_ends, prepared.stages_run, outputs, level,
+            self.engine.head, self.temperatures,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def goes_on(self, prepared: PreparedViews, outputs: ViewOutputs, level: Level) -> bool:
+        """Whether the image goes on to its next stage (its gate is recorded). False after
+        the last stage."""
+        if prepared.last_stage:
+            return False
+        record = next_gate(
+            prepared.policy, prepared.stage_ends, prepared.stages_run, outputs, level,
+            self.engine.head, self.temperatures,
+        )  # fmt: skip
+        prepared.gates.append(record)
+        return record.went_on
+
+    def next_stage(self, prepared: PreparedViews) -> None:
+        self.preparer.next_stage(prepared)
 
     @torch.inference_mode()
     def predict(
@@ -192,14 +273,16 @@ class ImagePipeline:
         queue_wait_s: float,
         forward_s: float,
     ) -> Prediction:
+        """The answer from every view run (``outputs``, in view order)."""
         t0 = time.perf_counter()
         engine = self.engine
-        probs = average_probabilities(outputs.features, outputs.logits, engine.head, request.level)
+        probs, temperature = self.answer(prepared, outputs, request.level)
         values, indices = probs.topk(min(request.top_k, probs.shape[0]))
         view_p, view_i = torch.softmax(outputs.logits.float(), dim=-1).max(dim=-1)
         labels = engine.model.labels
         image = prepared.image
-        boxes = boxes_in_original(prepared.views, image.resized_size, image.original_size)
+        views = prepared.views_run
+        boxes = boxes_in_original(views, image.resized_size, image.original_size)
         timings = {
             **prepared.timings,
             "queue_wait": queue_wait_s,
@@ -209,13 +292,17 @@ class ImagePipeline:
         return Prediction(
             top=top_classes(labels, values, indices),
             level=request.level,
-            views=prepared.views,
-            spec=str(prepared.spec),
+            views=views,
+            spec=str(prepared.policy),
             policy=str(request.spec),
             seed=prepared.seed,
             boxes=boxes,
             view_top1=top_classes(labels, view_p, view_i),
             probs=probs,
+            view_equivalents=self.preparer.view_equivalents(views),
+            agreement=float((view_i == indices[0]).float().mean()),
+            temperature=temperature,
+            stages=stage_report(prepared),
             timings=timings,
         )
 
@@ -224,12 +311,27 @@ class ImagePipeline:
         prepared = self.prepare(data, request)
         t0 = time.perf_counter()
         outputs = self.engine.run_groups(prepared.groups)
+        while self.goes_on(prepared, outputs, request.level):
+            self.next_stage(prepared)
+            outputs = ViewOutputs.concat([outputs, self.engine.run_groups(prepared.groups)])
         return self.predict(prepared, outputs, request, 0.0, time.perf_counter() - t0)
 
 
-def top_classes(labels: LabelSet, probs: torch.Tensor, indices: torch.Tensor) -> list[TopClass]:
-    """Classes with their ids, names and probabilities, in the order given."""
-    return [
-        TopClass(index=int(i), synset=labels.ids[i], label=labels.names[i], prob=float(p))
-        for p, i in zip(probs.tolist(), indices.tolist(), strict=True)
-    ]
+def stage_report(prepared: PreparedViews) -> list[StageOut] | None:
+    """Each stage of a staged policy: its views, whether it ran, and the gate before it."""
+    policy = prepared.policy
+    if not policy.staged:
+        return None
+    out = []
+    for k, stage in enumerate(policy.stages):
+        record = prepared.gates[k - 1] if 0 < k <= len(prepared.gates) else None
+        out.append(
+            StageOut(
+                spec=str(stage.spec),
+                views=stage.spec.total,
+                ran=k < prepared.stages_run,
+                gate=str(stage.gate) if stage.gate else None,
+                signal=round(record.value, 4) if record else None,
+            )
+        )
+    return out

@@ -24,14 +24,34 @@ class ErrorDetail(BaseModel):
     message: str
 
 
+class StageOut(BaseModel):
+    spec: str
+    views: int
+    ran: bool
+    gate: str | None = Field(default=None, description="went on while SIGNAL < THRESHOLD")
+    signal: float | None = Field(default=None, description="the gate signal it saw")
+
+
 class ImageResult(BaseModel):
     index: int = Field(description="position of the image in the request")
     file: str | None = None
     top: list[TopClass] | None = None
     level: str | None = None
     views: int | None = None
+    view_equivalents: float | None = Field(
+        default=None, description="compute: the views' pixels over one view at the input size"
+    )
+    agreement: float | None = Field(
+        default=None, description="share of the views whose own top-1 is the answer"
+    )
+    temperature: float | None = Field(
+        default=None, description="calibration temperature applied (1: none)"
+    )
     spec: str | None = None
     policy: str | None = None
+    stages: list[StageOut] | None = Field(
+        default=None, description="staged policies: each stage, whether it ran, its gate"
+    )
     seed: int | None = None
     label: int | None = None
     view_boxes: list[ViewBox] | None = None

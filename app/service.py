@@ -34,7 +34,7 @@ from app.metrics import Metrics
 from app.pipeline import ImagePipeline, Prediction
 from app.repository import ModelRepository
 from app.request import ClassifyRequest
-from app.runtime.engine import Engine, pick_device
+from app.runtime.engine import Engine, ViewOutputs, pick_device
 from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions
 
@@ -245,26 +245,43 @@ class ClassifyService:
     async def classify_image(
         self, slot: ModelSlot, data: bytes, request: ClassifyRequest, deadline: float
     ) -> Prediction:
-        """The pipeline with its forward through the batcher: prepare in the thread pool,
-        forward with other requests' views, predict here."""
+        """The pipeline with its forwards through the batcher: prepare in the thread pool,
+        forward with other requests' views, and for a staged policy, while the gate says so,
+        cut the next stage from the same decoded image and forward it ahead of newer work
+        (its queue room held while it is cut); predict here."""
         pipeline, batcher = slot.ready()
         loop = asyncio.get_running_loop()
+        arrived = time.perf_counter()
         prepared = await loop.run_in_executor(self._pre_pool, pipeline.prepare, data, request)
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            raise DeadlineExceededError("request deadline passed before its forward pass")
-        try:
-            outputs, batch_timings = await batcher.submit(prepared.groups, left)
-        except TimeoutError as exc:
-            raise DeadlineExceededError(
-                f"no result within {self.settings.request_timeout_s:g} s (server busy)"
-            ) from exc
-        pred = pipeline.predict(
-            prepared, outputs, request, batch_timings.queue_wait_s, batch_timings.forward_s
-        )
-        for stage, seconds in pred.timings.items():
-            self.metrics.stage_duration.labels(slot.name, stage).observe(seconds)
-        self.metrics.views_per_request.labels(slot.name).observe(len(prepared.views))
-        compute = pipeline.preparer.view_equivalents(prepared.views)
-        self.metrics.compute_per_request.labels(slot.name).observe(compute)
+        parts: list[ViewOutputs] = []
+        queue_wait = forward = reserved = 0.0
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                batcher.release(reserved)
+                stage = f"stage {prepared.stages_run}'s" if prepared.policy.staged else "its"
+                raise DeadlineExceededError(f"request deadline passed before {stage} forward")
+            try:
+                out, timings = await batcher.submit(
+                    prepared.groups, left, enqueued_at=arrived, reserved=reserved
+                )
+            except TimeoutError as exc:
+                raise DeadlineExceededError(
+                    f"no result within {self.settings.request_timeout_s:g} s (server busy)"
+                ) from exc
+            parts.append(out)
+            queue_wait, forward = queue_wait + timings.queue_wait_s, forward + timings.forward_s
+            outputs = ViewOutputs.concat(parts)
+            if not pipeline.goes_on(prepared, outputs, request.level):
+                break
+            self.metrics.escalated.labels(slot.name, str(prepared.stages_run + 1)).inc()
+            cost = pipeline.preparer.view_equivalents(prepared.next_stage_views)
+            reserved = batcher.reserve(cost)
+            try:
+                await loop.run_in_executor(self._pre_pool, pipeline.next_stage, prepared)
+            except BaseException:
+                batcher.release(reserved)
+                raise
+        pred = pipeline.predict(prepared, outputs, request, queue_wait, forward)
+        self.metrics.observe_prediction(slot.name, pred, prepared.gates)
         return pred

@@ -44,6 +44,13 @@ class ViewOutputs:
     logits: torch.Tensor  # [N, C]
 
     @classmethod
+    def concat(cls, parts: list[ViewOutputs]) -> ViewOutputs:
+        """Outputs of consecutive runs (the stages of a staged policy), in run order."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.features for p in parts]), torch.cat([p.logits for p in parts]))
+
+    @classmethod
     def in_view_order(cls, parts: list[tuple[list[int], ViewOutputs]]) -> ViewOutputs:
         """Outputs of view groups (each with its views' positions) back in view order."""
         if len(parts) == 1:

@@ -12,6 +12,7 @@ from app.jobs.datasets import ClassOrder
 from app.request import LEVELS, Level, check_level
 from app.runtime.plan import DtypeName
 from app.tta.adaptive import AUTO, resolve_spec
+from app.tta.stages import StagedPolicy
 from app.tta.views import AUTO_SPEC, CROP_KINDS, ViewSpec, parse_view_spec, split_kind
 
 BASELINE = "center:1@softmax"
@@ -73,11 +74,12 @@ class EvalConfig:
         return f"{AUTO if self.spec is None else self.spec}@{self.level}"
 
     def spec_for(
-        self, width: int, height: int, crop: int, measured: ViewSpec | None = None
+        self, width: int, height: int, crop: int, measured: StagedPolicy | None = None
     ) -> ViewSpec:
         """The views for an image whose model-scale resize is ``width`` x ``height``;
         ``measured``: the model's measured ``auto`` policy, if it has one."""
-        return resolve_spec(self.spec or AUTO_SPEC, width, height, crop, measured)
+        joined = measured.joined if measured is not None else None
+        return resolve_spec(self.spec or AUTO_SPEC, width, height, crop, joined)
 
 
 def parse_config(text: str) -> EvalConfig:
