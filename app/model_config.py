@@ -6,22 +6,25 @@ drift between them (the same role as timm's PretrainedCfg).
 
 from __future__ import annotations
 
-import math
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomli_w
 
 from app.errors import InvalidRequestError, ModelConfigError
 from app.tta.levels import LEVELS
-from app.tta.views import parse_view_spec
+from app.tta.stages import parse_policy
+from app.tta.views import resize_for
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 WeightsKind = Literal["package", "file", "hub", "none"]
 KeyMapping = Literal["exact", "in-order", "strip-prefix"]
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
+WEIGHTS_KINDS: tuple[str, ...] = get_args(WeightsKind)
+KEY_MAPPINGS: tuple[str, ...] = get_args(KeyMapping)
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,15 @@ class ModelConfig:
     # batch-norm statistics per test resolution: shorter side of a view -> file in the
     # folder (app/runtime/bn_sets.py); views nearest a resolution run with its set
     bn_sets: dict[int, str] = field(default_factory=dict)
+    # calibration temperatures by the views averaged and level (``spec@level``), fitted by
+    # ``evaluate --write-policy`` (app/tta/calibration.py); answers of other views: none
+    calibration: dict[str, float] = field(default_factory=dict)
     folder: Path | None = None
 
     @property
     def resize_size(self) -> int:
-        """Shorter side after the single resize; timm's convention floor(size / crop_pct)."""
-        return max(self.input_size, math.floor(self.input_size / self.crop_pct))
+        """Shorter side after the single resize (``app.tta.views.resize_for``)."""
+        return resize_for(self.input_size, self.crop_pct)
 
     @property
     def crop_to_image_ratio(self) -> float:
@@ -90,32 +96,18 @@ class ModelConfig:
     def to_toml_dict(self) -> dict[str, Any]:
         """The inverse of :func:`parse_model_config` (used by jobs that write new entries)."""
         weights = {k: v for k, v in asdict(self.weights).items() if v not in ("", None)}
-        out: dict[str, Any] = {
-            "model": {
-                "arch": self.arch,
-                "num_classes": self.num_classes,
-                "labels": self.labels,
-                **({"description": self.description} if self.description else {}),
-                **({"parent": self.parent} if self.parent else {}),
-            },
-            "weights": weights,
-            "preprocess": {
-                "input_size": self.input_size,
-                "crop_pct": self.crop_pct,
-                "interpolation": self.interpolation,
-                "mean": list(self.mean),
-                "std": list(self.std),
-            },
-            "policy": {
-                "views": self.default_views,
-                "level": self.default_level,
-                **({"auto": self.auto_views} if self.auto_views else {}),
-            },
-        }
+        out: dict[str, Any] = {"model": {"arch": self.arch}, "weights": weights}
+        for key in TOML_KEYS:
+            value = getattr(self, key.attr)
+            if not (key.optional and value == ""):
+                table = out.setdefault(key.table, {})
+                table[key.key] = list(value) if isinstance(value, tuple) else value
         if self.provenance:
             out["provenance"] = self.provenance
         if self.bn_sets:
             out["bn_sets"] = {str(size): path for size, path in sorted(self.bn_sets.items())}
+        if self.calibration:
+            out["calibration"] = dict(sorted(self.calibration.items()))
         return out
 
 
@@ -126,6 +118,39 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
     return (a, b, c)
 
 
+@dataclass(frozen=True)
+class TomlKey:
+    """Where a plain ``ModelConfig`` field lives in model.toml, and how it is read. A key
+    the file leaves out takes the field's default: the dataclass states every default."""
+
+    table: str
+    key: str
+    attr: str
+    read: Callable[[Any], Any] = str
+    optional: bool = False  # written only when not empty
+
+
+TOML_KEYS = (  # in the order they are written
+    TomlKey("model", "num_classes", "num_classes", int),
+    TomlKey("model", "labels", "labels"),
+    TomlKey("model", "description", "description", optional=True),
+    TomlKey("model", "parent", "parent", optional=True),
+    TomlKey("preprocess", "input_size", "input_size", int),
+    TomlKey("preprocess", "crop_pct", "crop_pct", float),
+    TomlKey("preprocess", "interpolation", "interpolation"),
+    TomlKey("preprocess", "mean", "mean", lambda v: _triple(v, "mean")),
+    TomlKey("preprocess", "std", "std", lambda v: _triple(v, "std")),
+    TomlKey("policy", "views", "default_views"),
+    TomlKey("policy", "level", "default_level"),
+    TomlKey("policy", "auto", "auto_views", optional=True),
+)
+
+
+def _choice(name: str, what: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ModelConfigError(f"{name}: {what} must be {'|'.join(allowed)}, got {value!r}")
+
+
 def parse_model_config(name: str, data: dict[str, Any], folder: Path | None = None) -> ModelConfig:
     """Validate a model.toml document; every problem raises ModelConfigError naming the key."""
     try:
@@ -134,29 +159,18 @@ def parse_model_config(name: str, data: dict[str, Any], folder: Path | None = No
     except (KeyError, TypeError) as exc:
         raise ModelConfigError(f"{name}: [model] arch is required") from exc
     w = data.get("weights", {})
-    kind = w.get("kind", "file")
-    if kind not in ("package", "file", "hub", "none"):
-        raise ModelConfigError(f"{name}: weights.kind must be package|file|hub|none, got {kind!r}")
-    mapping = w.get("key_mapping", "exact")
-    if mapping not in ("exact", "in-order", "strip-prefix"):
-        raise ModelConfigError(
-            f"{name}: weights.key_mapping must be exact|in-order|strip-prefix, got {mapping!r}"
-        )
-    weights = WeightsSource(
-        kind=kind,
-        package=str(w.get("package", "")),
-        path=str(w.get("path", "")),
-        key_mapping=mapping,
-        strip_prefix=str(w.get("strip_prefix", "")),
-        state_dict_key=str(w.get("state_dict_key", "")),
-    )
-    if kind == "package" and not (weights.package and weights.path):
+    given_w: dict[str, Any] = {f.name: w[f.name] for f in fields(WeightsSource) if f.name in w}
+    _choice(name, "weights.kind", given_w.get("kind", WeightsSource.kind), WEIGHTS_KINDS)
+    mapping = given_w.get("key_mapping", WeightsSource.key_mapping)
+    _choice(name, "weights.key_mapping", mapping, KEY_MAPPINGS)
+    texts: dict[str, Any] = {k: str(v) for k, v in given_w.items()}  # kind checked above
+    weights = WeightsSource(**texts)
+    if weights.kind == "package" and not (weights.package and weights.path):
         raise ModelConfigError(f"{name}: weights.kind = 'package' needs package and path")
-    if kind == "file" and not weights.path:
+    if weights.kind == "file" and not weights.path:
         raise ModelConfigError(f"{name}: weights.kind = 'file' needs path")
     pre = data.get("preprocess", {})
-    interpolation = pre.get("interpolation", "bicubic")
-    if interpolation not in INTERPOLATIONS:
+    if "interpolation" in pre and pre["interpolation"] not in INTERPOLATIONS:
         raise ModelConfigError(f"{name}: interpolation must be one of {INTERPOLATIONS}")
     policy = data.get("policy", {})
     bn_sets: dict[int, str] = {}
@@ -164,38 +178,35 @@ def parse_model_config(name: str, data: dict[str, Any], folder: Path | None = No
         if not (str(key).isdigit() and isinstance(path, str) and path):
             raise ModelConfigError(f"{name}: bn_sets maps a resolution to a file, got {key!r}")
         bn_sets[int(key)] = path
-    level = policy.get("level", "softmax")
-    if level not in LEVELS:
+    calibration: dict[str, float] = {}
+    for key, value in dict(data.get("calibration", {})).items():
+        if not (isinstance(value, int | float) and 0 < value < 1000):
+            raise ModelConfigError(f"{name}: calibration[{key!r}] must be a positive number")
+        calibration[str(key)] = float(value)
+    if "level" in policy and policy["level"] not in LEVELS:
         raise ModelConfigError(f"{name}: policy.level must be one of {LEVELS}")
-    auto_views = str(policy.get("auto", ""))
     for key in ("views", "auto"):  # a bad policy fails at load, not on every request
         text = str(policy.get(key, ""))
         try:
-            adaptive = bool(text) and parse_view_spec(text).adaptive
+            adaptive = bool(text) and parse_policy(text).adaptive
         except InvalidRequestError as exc:
             raise ModelConfigError(f"{name}: policy.{key} = {text!r}: {exc}") from exc
         if key == "auto" and adaptive:
             raise ModelConfigError(f"{name}: policy.auto must be a view spec, not 'auto'")
+    tables = {"model": model, "preprocess": pre, "policy": policy}
     try:
+        given = {
+            k.attr: k.read(tables[k.table][k.key]) for k in TOML_KEYS if k.key in tables[k.table]
+        }
         cfg = ModelConfig(
             name=name,
             arch=arch,
             weights=weights,
-            num_classes=int(model.get("num_classes", 1000)),
-            input_size=int(pre.get("input_size", 224)),
-            crop_pct=float(pre.get("crop_pct", 0.875)),
-            interpolation=interpolation,
-            mean=_triple(pre.get("mean", [0.485, 0.456, 0.406]), "mean"),
-            std=_triple(pre.get("std", [0.229, 0.224, 0.225]), "std"),
-            labels=str(model.get("labels", "imagenet-1k")),
-            default_views=str(policy.get("views", "fixed:5,mfixed:5")),
-            default_level=level,
-            auto_views=auto_views,
-            description=str(model.get("description", "")),
-            parent=str(model.get("parent", "")),
             provenance=dict(data.get("provenance", {})),
             bn_sets=bn_sets,
+            calibration=calibration,
             folder=folder,
+            **given,
         )
     except (TypeError, ValueError) as exc:
         raise ModelConfigError(f"{name}: {exc}") from exc

@@ -20,9 +20,30 @@ from torch import nn
 from app.errors import ModelConfigError, ModelLoadError, UnknownModelError, WeightsMismatchError
 from app.labels import LabelSet, load_labels
 from app.model_config import ModelConfig, WeightsSource, load_model_config
+from app.tta.views import DEFAULT_STRIDE
 
 log = logging.getLogger(__name__)
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def network_stride(network: nn.Module) -> int | None:
+    """The network's total stride: timm's last ``feature_info`` reduction (32 for ResNets
+    and EfficientNets); None when the network does not say. What unknown means is the
+    caller's to decide: full-image views round to ``DEFAULT_STRIDE`` (LoadedModel.stride),
+    FixRes test sizes are not constrained (app.jobs.resolution)."""
+    info = getattr(network, "feature_info", None)
+    try:
+        stride = int(info[-1]["reduction"]) if info else 0
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return stride if stride > 0 else None
+
+
+def pooled_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logit features of a timm network, one row per input: the head's input,
+    and what MID averages at feature level."""
+    net: Any = network  # a timm model: forward_features / forward_head
+    return net.forward_head(net.forward_features(x), pre_logits=True)
 
 
 @dataclass
@@ -40,13 +61,10 @@ class LoadedModel:
 
     @property
     def stride(self) -> int:
-        """The network's total stride (32 for ResNets and EfficientNets): full-image views
-        round their long side to it, so their shapes recur and batch together."""
-        info = getattr(self.network, "feature_info", None)
-        try:
-            return int(info[-1]["reduction"]) if info else 32
-        except (KeyError, IndexError, TypeError):
-            return 32
+        """The stride full-image views round their long side to, so their shapes recur and
+        batch together: the network's total stride, ``DEFAULT_STRIDE`` when it does not
+        say (any stride rounds correctly; the common one batches best)."""
+        return network_stride(self.network) or DEFAULT_STRIDE
 
     @property
     def classifier(self) -> nn.Module:
@@ -54,8 +72,7 @@ class LoadedModel:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logit features, one row per view (what MID averages at feature level)."""
-        net: Any = self.network  # a timm model: forward_features / forward_head
-        return net.forward_head(net.forward_features(x), pre_logits=True)
+        return pooled_features(self.network, x)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)

@@ -37,6 +37,7 @@ from app.request import ClassifyRequest
 from app.runtime.engine import Engine, ViewOutputs, pick_device
 from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions
+from app.tta.views import view_pixels
 
 log = logging.getLogger(__name__)
 State = Literal["loading", "ready", "failed"]
@@ -121,7 +122,7 @@ class ClassifyService:
                 metrics=self.metrics,
                 workers=engine.plan.workers,
                 threads=engine.plan.threads if engine.device.type == "cpu" else 0,
-                view_pixels=engine.cfg.input_size**2,
+                view_pixels=view_pixels(engine.cfg.input_size),
             )
             batcher.start()
             slot.pipeline, slot.batcher, slot.state = pipeline, batcher, "ready"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from app.api.params import top_k_limit
 from app.errors import MidserveError
 from app.runtime.tuning.report import TuningReport
 from app.schemas import ModelOut, TuningOut, TuningTrialOut
@@ -43,7 +44,7 @@ def model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
             "max_body_bytes": s.max_body_bytes,
             "max_pixels": s.max_pixels,
             "max_aspect_ratio": s.max_aspect_ratio,
-            "max_top_k": min(s.max_top_k, cfg.num_classes),
+            "max_top_k": top_k_limit(cfg.num_classes, s),
             "request_timeout_s": s.request_timeout_s,
         },
     )

@@ -5,20 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from app.errors import InvalidRequestError
-
-
-def network_stride(network: nn.Module) -> int:
-    """The network's total stride (timm's last ``feature_info`` reduction), 1 if unknown."""
-    info = getattr(network, "feature_info", None)
-    try:
-        return int(info[-1]["reduction"]) if info else 1
-    except (KeyError, IndexError, TypeError):
-        return 1
+from app.repository import network_stride
 
 
 def check_test_size(size: int, network: nn.Module, arch: str) -> None:
-    """FixRes sizes are multiples of the network's total stride (32 for ResNet/EfficientNet)."""
-    stride = network_stride(network)
+    """FixRes sizes are multiples of the network's total stride (32 for ResNet/EfficientNet);
+    a network that does not say its stride constrains no size (stride 1): refusing sizes
+    for a guessed stride would refuse sizes the network runs at."""
+    stride = network_stride(network) or 1
     if size < stride or size % stride:
         lower = max(stride, size // stride * stride)
         raise InvalidRequestError(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from app.errors import BackendUnavailableError
-from app.repository import LoadedModel
+from app.repository import LoadedModel, pooled_features
 from app.runtime.plan import EngineOptions, ForwardPlan
 from app.runtime.tuning.cache import cache_key, cache_root, model_fingerprint
 
@@ -56,7 +56,7 @@ class FeaturesAndLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         net: Any = self.net
-        f = net.forward_head(net.forward_features(x), pre_logits=True)
+        f = pooled_features(net, x)
         return f, net.get_classifier()(f)
 
 

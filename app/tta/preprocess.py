@@ -6,15 +6,14 @@ import io
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ImageTooLargeError, InvalidImageError
-from app.model_config import ModelConfig
-from app.runtime.plan import DecodeLimits
+from app.tta.limits import DecodeLimits
 from app.tta.views import View, resized_shape
 
 # Formats a browser or camera produces; anything else (SVG, PDF, EPS, ...) is refused.
@@ -24,6 +23,24 @@ RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
+
+
+class Preprocessing(Protocol):
+    """What preprocessing needs of a model: the shorter side of its single resize, its
+    interpolation and its normalisation (``app.model_config.ModelConfig`` has them; tta
+    does not import it, being the layer below)."""
+
+    @property
+    def resize_size(self) -> int: ...
+
+    @property
+    def interpolation(self) -> str: ...
+
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
 
 
 @dataclass(frozen=True)
@@ -36,7 +53,7 @@ class Normaliser:
     device: torch.device
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, device: torch.device) -> Normaliser:
+    def for_model(cls, cfg: Preprocessing, device: torch.device) -> Normaliser:
         return cls(cfg.interpolation, cfg.mean, cfg.std, device)
 
     def __call__(self, img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -189,7 +206,7 @@ def decode_image(data: bytes, limits: DecodeLimits, draft_min_side: int = 0) -> 
 
 def prepare_image(
     img: Image.Image,
-    cfg: ModelConfig,
+    cfg: Preprocessing,
     device: torch.device,
     image_format: str = "",
     original_size: tuple[int, int] | None = None,

@@ -31,12 +31,21 @@ CROP_KINDS = ("center", "fixed", "mfixed", "random", "mrandom")
 MAX_PER_KIND = {"center": 1, "fixed": 5, "mfixed": 5, "full": 1, "mfull": 1}
 MAX_SPEC_LENGTH = 200
 MIN_VIEW_SIZE, MAX_VIEW_SIZE = 16, 2048  # ``@S`` outside this range is refused at parse time
+# what full views round their long side to when the network's stride is not known: the
+# total stride of ResNets and EfficientNets (app.repository.LoadedModel.stride)
+DEFAULT_STRIDE = 32
 
 
 def split_kind(token: str) -> tuple[str, int]:
     """``"full@288"`` -> ``("full", 288)``; ``"fixed"`` -> ``("fixed", 0)`` (the default S)."""
     kind, _, size = token.partition("@")
     return kind, int(size) if size else 0
+
+
+def resize_for(crop: int, crop_pct: float) -> int:
+    """The shorter side a crop of side ``crop`` is taken from: timm's eval convention
+    floor(crop / crop_pct), never below the crop itself."""
+    return max(crop, math.floor(crop / crop_pct))
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class ViewGeometry:
     input_size: int
     crop_pct: float
     resize_size: int
-    stride: int = 32
+    stride: int = DEFAULT_STRIDE
 
 
 @dataclass(frozen=True)
@@ -248,16 +257,21 @@ def plan_image_views(
             views.append(View(token, 0, 0, w, h, kind == "mfull", (w, h)))
             continue
         crop = size or geometry.input_size
-        shorter = max(crop, math.floor(crop / geometry.crop_pct)) if size else geometry.resize_size
+        shorter = resize_for(crop, geometry.crop_pct) if size else geometry.resize_size
         w, h = resized_shape(width, height, shorter)
         views.extend(_plan_crops([(token, count)], w, h, crop, rng))
     return views
 
 
+def view_pixels(input_size: int) -> int:
+    """The unit compute is counted in: the pixels of one view at the model's input size."""
+    return input_size**2
+
+
 def view_equivalents(views: Iterable[View], input_size: int) -> float:
     """Compute of ``views`` in views of the model's input size: their pixels over one such
     view's (what batch, queue and request bounds count)."""
-    return sum(v.width * v.height for v in views) / input_size**2
+    return sum(v.width * v.height for v in views) / view_pixels(input_size)
 
 
 def boxes_in_original(

@@ -172,3 +172,27 @@ def test_reduced_scale_decode_keeps_view_boxes_and_prediction(tiny_repo) -> None
     np.testing.assert_allclose(np.asarray(b.boxes), np.asarray(a.boxes), atol=2.0)
     assert a.top[0].index == b.top[0].index
     assert float((a.probs - b.probs).abs().max()) < 0.05
+
+
+def test_preprocessing_takes_plain_values_not_a_model_config() -> None:
+    import ast
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    import torch
+
+    import app.tta.preprocess as preprocess
+
+    @dataclass(frozen=True)
+    class Plain:  # what preprocessing needs, nothing of app.model_config
+        resize_size: int = 40
+        interpolation: str = "bilinear"
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+        std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+
+    img = Image.fromarray(_noise(90, 60))
+    prepared = preprocess.prepare_image(img, Plain(), torch.device("cpu"))
+    assert prepared.resized_size == (60, 40) and prepared.hwc.shape == (40, 60, 3)
+    tree = ast.parse(Path(preprocess.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m and m.startswith(("app.model_config", "app.runtime"))}

@@ -99,3 +99,49 @@ def test_shipped_entries_parse() -> None:
     assert (cfg.input_size, cfg.crop_pct, cfg.interpolation) == (224, 0.875, "bicubic")
     assert cfg.mean == cfg.std == (0.5, 0.5, 0.5) and cfg.resize_size == 256
     assert cfg.weights.kind == "package" and cfg.weights.key_mapping == "in-order"
+
+
+def test_a_missing_key_takes_the_dataclass_default() -> None:
+    from dataclasses import fields
+
+    from app.model_config import ModelConfig, parse_model_config
+
+    cfg = parse_model_config("m", {"model": {"arch": "resnet18"}, "weights": {"kind": "none"}})
+    for f in fields(ModelConfig):
+        if f.name not in ("name", "arch", "weights", "provenance", "bn_sets", "calibration"):
+            assert getattr(cfg, f.name) == f.default, f.name
+    assert cfg.weights == WeightsSource(kind="none")
+    assert parse_model_config("m", cfg.to_toml_dict()) == cfg  # and writes back to itself
+    assert "description" not in cfg.to_toml_dict()["model"]  # empty optional keys stay out
+
+
+def test_network_stride_and_what_unknown_means(tmp_path: Path) -> None:
+    from torch import nn
+
+    from app.errors import InvalidRequestError
+    from app.jobs.resolution import check_test_size
+    from app.repository import LoadedModel, network_stride
+    from app.tta.views import DEFAULT_STRIDE
+
+    make_tiny_model(tmp_path, "a")
+    model = ModelRepository(tmp_path).load("a")
+    assert network_stride(model.network) == model.stride == 32  # timm's feature_info
+    with pytest.raises(InvalidRequestError, match="total stride 32; use e.g. 64 or 96"):
+        check_test_size(80, model.network, "test_efficientnet")
+    plain = nn.Conv2d(3, 8, 3)  # says nothing of its stride
+    assert network_stride(plain) is None
+    assert LoadedModel(model.cfg, plain, model.labels, model.device).stride == DEFAULT_STRIDE
+    check_test_size(81, plain, "conv")  # views round to a stride; test sizes are free
+
+
+def test_pooled_features_feed_the_head(tmp_path: Path) -> None:
+    from app.repository import pooled_features
+
+    make_tiny_model(tmp_path, "a")
+    model = ModelRepository(tmp_path).load("a")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = pooled_features(model.network, x)
+        assert f.shape == (2, model.num_features)
+        torch.testing.assert_close(model.features(x), f)
+        torch.testing.assert_close(model.head(f), model.network(x))

@@ -91,3 +91,21 @@ def test_views_are_slices_and_mirrors_of_the_one_tensor() -> None:
 def test_crop_larger_than_image_is_refused() -> None:
     with pytest.raises(InvalidRequestError):
         plan_views(parse_view_spec("center"), 100, 50, 64, seed=0)
+
+
+def test_resize_and_compute_units_are_stated_once() -> None:
+    from app.tta.views import (
+        ViewGeometry,
+        plan_image_views,
+        resize_for,
+        view_equivalents,
+        view_pixels,
+    )
+
+    assert resize_for(224, 0.875) == 256 and resize_for(64, 0.8) == 80  # floor(S / crop_pct)
+    assert resize_for(64, 1.0) == 64
+    geometry = ViewGeometry(64, 0.8, resize_for(64, 0.8))
+    views = plan_image_views(parse_view_spec("center,center@96,full"), 120, 90, geometry, 0)
+    assert views[1].resized[1] == resize_for(96, 0.8)  # a crop at @S: the same rule, scaled
+    pixels = sum(v.width * v.height for v in views)
+    assert view_equivalents(views, 64) == pixels / view_pixels(64) == pixels / 64**2
