@@ -15,7 +15,7 @@ from app.runtime.engine import ViewOutputs
 from app.schemas import TopClass
 from app.tta.averaging import average_probabilities
 from app.tta.calibration import calibrate
-from app.tta.stages import Gate, StagedPolicy, gate_signal
+from app.tta.stages import Gate, Signal, StagedPolicy
 from app.tta.views import ViewSpec
 
 
@@ -81,3 +81,14 @@ def top_classes(labels: LabelSet, probs: torch.Tensor, indices: torch.Tensor) ->
         TopClass(index=int(i), synset=labels.ids[i], label=labels.names[i], prob=float(p))
         for p, i in zip(probs.tolist(), indices.tolist(), strict=True)
     ]
+
+
+def gate_signal(signal: Signal, probs: torch.Tensor, view_top1: torch.Tensor) -> float:
+    """The signal of one image's answer so far: ``probs`` [C] (averaged, calibrated) and
+    the top-1 class of each view run so far."""
+    if signal == "prob":
+        return float(probs.max())
+    if signal == "margin":
+        top = probs.topk(min(2, probs.shape[-1])).values
+        return float(top[0] - top[-1]) if top.numel() > 1 else 1.0
+    return float((view_top1 == probs.argmax()).float().mean())

@@ -33,6 +33,7 @@ from app.tta.preprocess import (
 )
 from app.tta.stages import StagedPolicy, parse_policy
 from app.tta.views import (
+    DEFAULT_STRIDE,
     View,
     ViewGeometry,
     ViewSpec,
@@ -137,7 +138,7 @@ class ImagePreparer:
         device: torch.device,
         limits: DecodeLimits,
         jpeg_draft: bool,
-        stride: int = 32,
+        stride: int = DEFAULT_STRIDE,
     ) -> None:
         self.cfg, self.device, self.limits = cfg, device, limits
         self.geometry = ViewGeometry(cfg.input_size, cfg.crop_pct, cfg.resize_size, stride)
@@ -232,11 +233,11 @@ class ImagePipeline:
         self.preparer = ImagePreparer(
             engine.cfg, engine.device, o.limits, o.jpeg_draft, engine.model.stride
         )
-        self.temperatures: dict[str, float] = dict(getattr(engine.cfg, "calibration", {}))
+        self.temperatures = dict(engine.cfg.calibration)
 
     def prepare(self, data: bytes, request: ClassifyRequest) -> PreparedViews:
         request.checked(self.engine.cfg.num_classes)
-        return self.preparer.views(data, request.spec, request.seed, self.max_views)
+        return self.preparer.views(data, request.policy, request.seed, self.max_views)
 
     def answer(
         self, prepared: PreparedViews, outputs: ViewOutputs, level: Level

@@ -10,8 +10,9 @@ first stage for every image, and each later stage only for the images whose *gat
 
 Signals, all in [0, 1] and higher meaning surer: ``prob`` (top-1 probability), ``margin``
 (top-1 minus top-2 probability) and ``agree`` (the share of views run so far whose own top-1
-is the answer's). The answer averages every view run so far (``all``, the default) or only
-the last stage's (``last``). A plain spec is a policy of one stage.
+is the answer's; computed in app/answers.py). The answer averages every view run so far
+(``all``, the default) or only the last stage's (``last``). A plain spec is a policy of one
+stage. No torch in here: request parameters parse without it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 from app.errors import InvalidRequestError
 from app.tta.views import ViewSpec, parse_view_spec
@@ -146,14 +145,3 @@ def parse_policy(text: str) -> StagedPolicy:
         Stage(spec, gate) for spec, gate in zip(specs[1:], gates, strict=True)
     )
     return StagedPolicy(stages, answer)
-
-
-def gate_signal(signal: Signal, probs: torch.Tensor, view_top1: torch.Tensor) -> float:
-    """The signal of one image's answer so far: ``probs`` [C] (averaged, calibrated) and
-    the top-1 class of each view run so far."""
-    if signal == "prob":
-        return float(probs.max())
-    if signal == "margin":
-        top = probs.topk(min(2, probs.shape[-1])).values
-        return float(top[0] - top[-1]) if top.numel() > 1 else 1.0
-    return float((view_top1 == probs.argmax()).float().mean())

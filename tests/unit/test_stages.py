@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.answers import gate_signal
 from app.errors import InvalidRequestError
-from app.tta.stages import Gate, gate_signal, parse_gate, parse_policy
+from app.tta.stages import Gate, parse_gate, parse_policy
 from app.tta.views import parse_view_spec
 
 

@@ -48,13 +48,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         time_images=args.time_images,
         policy_budget=args.write_policy,
+        stage_budgets=tuple(args.stage_budgets),
     )
     report = run_evaluation(opts, settings_from_args(args))
     if report is not None:
         sys.stdout.write((out / "results.md").read_text())
         print(f"\nwritten to {out}", file=sys.stderr)
         if "policy_written" in report:
-            print(f"views=auto now serves {report['policy_written']}", file=sys.stderr)
+            written = report["policy_written"]
+            print(f"views=auto now serves {written['spec']} (test-half top-1 "
+                  f"{100 * written['top1']:.1f} %, {written['view_equivalents']:.2f} "
+                  "view-equivalents per image)", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -93,9 +97,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="measure ms per image of each config alone on this many images",
     )
+    p.add_argument(
+        "--stage-budgets",
+        type=float,
+        nargs="+",
+        default=[1.5, 2.0, 2.5, 3.0],
+        metavar="VIEW_EQ",
+        help="mean view-equivalents per image at which gated "
+        "policies are searched (thresholds fitted on one half of the images)",
+    )
     p.add_argument("--write-policy", type=float, default=None, metavar="BUDGET",
-                   help="write the most accurate config within BUDGET views of the model's "
-                   "input size per image into model.toml as what views=auto serves")  # fmt: skip
+                   help="write the most accurate policy (plain or gated, chosen on the fit half) "
+                   "within BUDGET view-equivalents per image on average into model.toml as "
+                   "what views=auto serves, with its calibration temperatures")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     add_engine_args(p)
     p.set_defaults(handler=cmd_evaluate)

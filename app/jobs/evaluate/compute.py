@@ -6,12 +6,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from app.jobs.evaluate.configs import EvalConfig
+from app.jobs.evaluate.staged import StagedRow
 from app.jobs.evaluate.tables import Row
 from app.model_config import ModelConfig, write_model_config
 from app.pipeline import ImagePipeline
@@ -55,7 +57,7 @@ def time_configs(
     rounds: dict[str, list[float]] = {c.name: [] for c in configs}
     for _ in range(TIMING_ROUNDS):
         for c in configs:
-            request = ClassifyRequest(c.spec or AUTO_SPEC, c.level, 1, 0)
+            request = ClassifyRequest(c.stages or c.spec or AUTO_SPEC, c.level, 1, 0)
             t0 = time.perf_counter()
             for data in photos:
                 pipeline.classify(data, request)
@@ -83,17 +85,59 @@ def best_under_budget(rows: Sequence[Row], budget: float) -> Row | None:
     return max(fits, key=lambda r: (r.top1, -r.gflops), default=None)
 
 
-def write_policy(cfg: ModelConfig, row: Row) -> ModelConfig:
-    """Make ``row``'s views what ``views=auto`` serves for this model (model.toml)."""
-    spec = row.config.rpartition("@")[0]
-    out = cfg.with_changes(auto_views=spec)
+@dataclass(frozen=True)
+class ChosenPolicy:
+    """What ``views=auto`` will serve, the temperatures its answers are calibrated with,
+    and the numbers it was chosen by (fit half) and is reported by (test half)."""
+
+    spec: str
+    temperatures: dict[str, float]
+    fit_top1: float
+    fit_view_equivalents: float
+    top1: float
+    view_equivalents: float
+
+
+def choose_policy(
+    halves: dict[str, dict[str, float]],
+    staged: Sequence[StagedRow],
+    temperatures: dict[str, float],
+    budget: float,
+) -> ChosenPolicy | None:
+    """The most accurate policy on the fit half within ``budget`` view-equivalents per image
+    on average, plain or gated (the cheaper on a tie). ``halves``: the plain softmax configs
+    on the two halves; ``temperatures``: each plain config's, fitted on the fit half."""
+    options = [
+        ChosenPolicy(name.rpartition("@")[0], {name: temperatures[name]} if name in temperatures
+                     else {}, h["fit_top1"], h["fit_view_equivalents"], h["top1"],
+                     h["view_equivalents"])
+        for name, h in halves.items()
+        if h["fit_view_equivalents"] <= budget
+    ] + [
+        ChosenPolicy(r.policy, r.temperatures, r.fit_top1, r.fit_view_equivalents, r.top1,
+                     r.view_equivalents)
+        for r in staged
+        if r.budget == budget
+    ]  # fmt: skip
+    return max(options, key=lambda c: (c.fit_top1, -c.fit_view_equivalents), default=None)
+
+
+def write_policy(
+    cfg: ModelConfig, spec: str, temperatures: dict[str, float] | None = None
+) -> ModelConfig:
+    """Make ``spec`` what ``views=auto`` serves for this model (model.toml), with the
+    temperatures its answers are calibrated with (replacing earlier ones)."""
+    out = cfg.with_changes(auto_views=spec, calibration=dict(temperatures or {}))
     assert cfg.folder is not None
     write_model_config(out, cfg.folder)
     return out
 
 
-def plot_policies(rows: Sequence[Row], title: str, path: Path) -> None:
-    """Top-1 against GFLOPs per image, every config labelled, the Pareto front joined."""
+def plot_policies(
+    rows: Sequence[Row], title: str, path: Path, staged: Sequence[StagedRow] = ()
+) -> None:
+    """Top-1 against GFLOPs per image, every config labelled, the Pareto front joined;
+    gated policies (scored on the test half only) in their own colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,6 +155,12 @@ def plot_policies(rows: Sequence[Row], title: str, path: Path) -> None:
         name = r.config.rpartition("@")[0].replace(":1", "")
         ax.annotate(name, (r.gflops, 100 * r.top1), fontsize=7, textcoords="offset points",
                     xytext=(5, 4 if n % 2 else -10))  # fmt: skip
+    for n, g in enumerate(staged):
+        label = "gated policy (test half)" if n == 0 else None
+        ax.plot(g.gflops, 100 * g.top1, "D", color="tab:green", label=label)
+        ax.annotate(f"{g.policy} ({100 * g.escalated:.0f} % on)".replace(":1", ""),
+                    (g.gflops, 100 * g.top1), fontsize=6, color="tab:green",
+                    textcoords="offset points", xytext=(5, -12 if n % 2 else 6))  # fmt: skip
     front = pareto_front(rows)
     ax.plot([r.gflops for r in front], [100 * r.top1 for r in front], "-", color="tab:orange",
             label="Pareto front")  # fmt: skip

@@ -12,7 +12,7 @@ from app.jobs.datasets import ClassOrder
 from app.request import LEVELS, Level, check_level
 from app.runtime.plan import DtypeName
 from app.tta.adaptive import AUTO, resolve_spec
-from app.tta.stages import StagedPolicy
+from app.tta.stages import STAGE_SEPARATOR, StagedPolicy, parse_policy
 from app.tta.views import AUTO_SPEC, CROP_KINDS, ViewSpec, parse_view_spec, split_kind
 
 BASELINE = "center:1@softmax"
@@ -64,22 +64,28 @@ PRESETS: dict[str, list[str]] = {
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """A view spec (or the adaptive ``auto`` policy) and an averaging level."""
+    """A view spec (or a staged policy, or the adaptive ``auto`` policy) and an averaging
+    level. A staged config's ``spec`` is every stage's views (what its pool must hold)."""
 
     spec: ViewSpec | None  # None: ``auto``, resolved per image as the server resolves it
     level: Level
+    stages: StagedPolicy | None = None
 
     @property
     def name(self) -> str:
-        return f"{AUTO if self.spec is None else self.spec}@{self.level}"
+        what = self.stages or (AUTO if self.spec is None else self.spec)
+        return f"{what}@{self.level}"
 
-    def spec_for(
+    def policy_for(
         self, width: int, height: int, crop: int, measured: StagedPolicy | None = None
-    ) -> ViewSpec:
-        """The views for an image whose model-scale resize is ``width`` x ``height``;
+    ) -> StagedPolicy:
+        """The policy for an image whose model-scale resize is ``width`` x ``height``;
         ``measured``: the model's measured ``auto`` policy, if it has one."""
-        joined = measured.joined if measured is not None else None
-        return resolve_spec(self.spec or AUTO_SPEC, width, height, crop, joined)
+        if self.stages is not None:
+            return self.stages
+        if self.spec is None and measured is not None:
+            return measured
+        return StagedPolicy.single(resolve_spec(self.spec or AUTO_SPEC, width, height, crop))
 
 
 def parse_config(text: str) -> EvalConfig:
@@ -97,6 +103,9 @@ def parse_config(text: str) -> EvalConfig:
     level = check_level(level_text)
     if spec_text.strip().lower() == AUTO:
         return EvalConfig(None, level)
+    if STAGE_SEPARATOR in spec_text:
+        policy = parse_policy(spec_text)
+        return EvalConfig(policy.joined, level, policy)
     return EvalConfig(parse_view_spec(spec_text), level)
 
 
@@ -173,6 +182,12 @@ class EvalOptions:
     progress: bool = True
     time_images: int = 0  # time each config alone on this many images (0: not timed)
     policy_budget: float | None = None  # write the best policy within this many view-equivs
+    stage_budgets: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)  # gated policies searched at
+
+    def budgets(self) -> list[float]:
+        """The budgets gated policies are chosen at: the report's, and the one written."""
+        extra = [self.policy_budget] if self.policy_budget is not None else []
+        return sorted({*self.stage_budgets, *extra})
 
     def all_configs(self) -> list[EvalConfig]:
         """The table's configs, then the sweep's that are not among them."""

@@ -18,6 +18,8 @@ from app.eval_results import EvalResult, write_eval_results
 from app.jobs.datasets import LabelledFolder
 from app.jobs.evaluate.compute import pareto_front, plot_policies
 from app.jobs.evaluate.configs import BASELINE, TOP_K, EvalOptions
+from app.jobs.evaluate.staged import Calibration, StagedRow, plain_halves, staged_rows
+from app.jobs.evaluate.staged_tables import markdown_calibration_table, markdown_staged_table
 from app.jobs.evaluate.tables import (
     Row,
     SweepPoint,
@@ -118,12 +120,31 @@ def build_report(
         ]
         report["sweep"] = {"level": opts.sweep.level, "points": [asdict(p) for p in points]}
     report["_rows"] = rows
+    plain = {
+        c.name: c.spec
+        for c in opts.configs
+        if c.level == "softmax" and c.stages is None and c.spec is not None
+    }
+    staged: list[StagedRow] = []
+    calibrations: list[Calibration] = []
+    if all("probs" in r for r in scored):
+        staged, calibrations = staged_rows(scored, plain, BASELINE, opts.budgets(), opts.seed)
+    report["_staged"] = staged
+    report["staged_split"] = "threshold and temperature fitted on one half, scored on the other"
+    report["staged"] = [asdict(r) for r in staged]
+    report["calibration"] = [asdict(c) for c in calibrations]
+    report["_plain_halves"] = (
+        {n: plain_halves(scored, n, opts.seed) for n in plain} if staged else {}
+    )
     return report
 
 
 def write_report(opts: EvalOptions, report: dict[str, Any], model_folder: Path | None) -> None:
     out = opts.out
     rows: list[Row] = report.pop("_rows")
+    staged: list[StagedRow] = report.pop("_staged", [])
+    halves: dict[str, dict[str, float]] = report.pop("_plain_halves", {})
+    report["staged"] = [asdict(r) for r in staged]  # with the measured ms, where timed
     title = (
         f"{report['model']} on {report['dataset']} ({report['images']} images, "
         f"{len(report['skipped'])} skipped, seed {report['seed']})"
@@ -140,8 +161,14 @@ def write_report(opts: EvalOptions, report: dict[str, Any], model_folder: Path |
         plot_sweep(points, center, title, out / "sweep.png", report["sweep"]["level"])
         md.append("\n## Sweep (Fig. 3)\n\n![sweep](sweep.png)\n\n```\n" + sweep_csv(points))
         md.append("```\n")
+    if staged:
+        md.append("\n## Staged policies: more views only where the model is unsure\n\n")
+        md.append(markdown_staged_table(staged, halves, BASELINE))
+    if report["calibration"]:
+        md.append("\n## Calibration and uncertainty\n\n")
+        md.append(markdown_calibration_table([Calibration(**c) for c in report["calibration"]]))
     if not any(math.isnan(r.gflops) for r in rows):
-        plot_policies(rows, title, out / "policies.png")
+        plot_policies(rows, title, out / "policies.png", staged)
         front = ", ".join(f"`{r.config}`" for r in pareto_front(rows))
         md.append(
             f"\n## Accuracy against compute\n\n![policies](policies.png)\n\nPareto front: {front}\n"

@@ -3,6 +3,7 @@ forward over each image's view pool, per-image records, then the report on rank 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -14,28 +15,41 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from app.answers import next_gate, staged_answer
 from app.config import Settings
 from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage, read_labelled_folder
 from app.jobs.distributed import distributed_context
-from app.jobs.evaluate.compute import FlopCounter, best_under_budget, time_configs, write_policy
+from app.jobs.evaluate.compute import (
+    FlopCounter,
+    best_under_budget,
+    choose_policy,
+    time_configs,
+    write_policy,
+)
 from app.jobs.evaluate.configs import (
     TOP_K,
     EvalConfig,
     EvalOptions,
     image_seed,
+    parse_config,
     pool_spec,
     select_views,
 )
 from app.jobs.evaluate.records import prepare_out, read_records, records_path, run_key
 from app.jobs.evaluate.report import build_report, write_report
+from app.jobs.evaluate.staged import StagedRow, encode_probs
+from app.jobs.evaluate.tables import Row
+from app.model_config import ModelConfig
 from app.pipeline import ImagePipeline, ImagePreparer
 from app.repository import ModelRepository
+from app.request import Level
 from app.runtime.engine import Engine, ViewOutputs
 from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions
 from app.tta.averaging import average_probabilities
 from app.tta.preprocess import ViewGroup, cut_view_groups
+from app.tta.stages import StagedPolicy
 from app.tta.views import View, plan_image_views, view_equivalents
 
 
@@ -52,14 +66,14 @@ class PoolPlanner:
         image, _ = prep.image(data)
         w, h = image.resized_size
         crop, measured = prep.cfg.input_size, prep.measured_auto
-        specs = {c.name: c.spec_for(w, h, crop, measured) for c in self.configs}
-        pool = pool_spec(list(specs.values()))
+        policies = {c.name: c.policy_for(w, h, crop, measured) for c in self.configs}
+        pool = pool_spec([p.joined for p in policies.values()])
         views = plan_image_views(
             pool, *image.decoded_size, prep.geometry, image_seed(self.seed, name)
         )
-        chosen = {n: select_views(pool, s) for n, s in specs.items()}
+        chosen = {n: select_views(pool, p.joined) for n, p in policies.items()}
         groups = cut_view_groups(image, views)
-        return PlannedImage(name, target, (w, h), views, groups, chosen)
+        return PlannedImage(name, target, (w, h), views, groups, chosen, policies)
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -86,7 +100,8 @@ class PlannedImage:
     size: tuple[int, int]  # the model-scale resize, for the aspect-ratio tables
     views: list[View]
     groups: list[ViewGroup]  # the pool's views by shape
-    chosen: dict[str, list[int]]  # config name -> indices into views
+    chosen: dict[str, list[int]]  # config name -> indices into views (every stage's)
+    policies: dict[str, StagedPolicy]  # config name -> the policy it resolved to here
 
 
 class PoolScorer:
@@ -97,6 +112,7 @@ class PoolScorer:
         self.engine, self.configs, self.flops = engine, configs, flops
         self.k = min(TOP_K, engine.cfg.num_classes)
         self.input_size = engine.cfg.input_size
+        self.temperatures = dict(engine.cfg.calibration)
 
     def run(self, batch: list[PlannedImage]) -> list[ViewOutputs]:
         """Each image's pool outputs in view order; equal shapes share a forward."""
@@ -117,32 +133,53 @@ class PoolScorer:
                 offset += n
         return [ViewOutputs.in_view_order(p) for p in parts]
 
+    def answer(
+        self, policy: StagedPolicy, out: ViewOutputs, level: Level
+    ) -> tuple[torch.Tensor, int]:
+        """A config's probabilities from its views' outputs (every stage's, in order), as
+        the server answers: a staged policy stops where its gate stops it. Also the
+        number of views that answer ran."""
+        ends, k = policy.stage_ends, 1
+        head, temps = self.engine.head, self.temperatures
+        while k < len(ends) and next_gate(policy, ends, k, out, level, head, temps).went_on:
+            k += 1
+        if not policy.staged:  # plain configs stay uncalibrated: the report fits them
+            return average_probabilities(out.features, out.logits, head, level), ends[0]
+        return staged_answer(policy, ends, k, out, level, head, temps)[0], ends[k - 1]
+
     @torch.inference_mode()
     def score(self, batch: list[PlannedImage]) -> list[dict[str, Any]]:
-        head = self.engine.head  # the served head, in the engine's dtype (as the pipeline)
         records = []
         for p, out in zip(batch, self.run(batch), strict=True):
             top: dict[str, list[int]] = {}
+            probs_of: dict[str, str] = {}
+            view_top1: dict[str, list[int]] = {}
+            ran: dict[str, list[View]] = {}
             for c in self.configs:
                 idx = torch.tensor(p.chosen[c.name], device=out.features.device)
-                probs = average_probabilities(out.features[idx], out.logits[idx], head, c.level)
+                mine = ViewOutputs(out.features[idx], out.logits[idx])
+                probs, n = self.answer(p.policies[c.name], mine, c.level)
                 top[c.name] = probs.float().topk(self.k).indices.tolist()
-            chosen = {n: [p.views[i] for i in idx] for n, idx in p.chosen.items()}
+                probs_of[c.name] = encode_probs(probs)
+                view_top1[c.name] = mine.logits[:n].argmax(dim=-1).tolist()
+                ran[c.name] = [p.views[i] for i in p.chosen[c.name][:n]]
             records.append(
                 {
                     "file": p.name,
                     "target": p.target,
                     "size": list(p.size),
                     "pool": len(p.views),
-                    "views": {n: len(v) for n, v in p.chosen.items()},
+                    "views": {n: len(v) for n, v in ran.items()},
                     "view_equivalents": {
-                        n: round(view_equivalents(v, self.input_size), 4) for n, v in chosen.items()
+                        n: round(view_equivalents(v, self.input_size), 4) for n, v in ran.items()
                     },
                     "gflops": {
                         n: round(sum(self.flops.gflops(v.shape) for v in vs), 4)
-                        for n, vs in chosen.items()
+                        for n, vs in ran.items()
                     },
                     "top": top,
+                    "probs": probs_of,
+                    "view_top1": view_top1,
                 }
             )
         return records
@@ -179,13 +216,23 @@ def run_evaluation(opts: EvalOptions, settings: Settings | None = None) -> dict[
         views_run = score_images(opts, work, scorer, sink, progress)
         elapsed = time.perf_counter() - t0
         ctx.barrier()
-        timed = {}
-        if opts.time_images and ctx.is_main:  # the serving path, one config at a time
-            photos = [item.path.read_bytes() for item in items[: opts.time_images]]
+        timed: dict[str, float] = {}
+        photos = [item.path.read_bytes() for item in items[: opts.time_images]]
+        if photos and ctx.is_main:  # the serving path, one config at a time
             timed = time_configs(ImagePipeline(engine), configs, photos)
-    if not ctx.is_main:
+        report = None
+        if ctx.is_main:
+            report = build_report(opts, folder, names, read_records(opts.out), cfg, len(done),
+                                  timed)  # fmt: skip
+            if photos and report["_staged"]:  # the gated policies it found, served as chosen
+                gated = [parse_config(f"{r.policy}@softmax") for r in report["_staged"]]
+                ms = time_configs(ImagePipeline(engine), gated, photos)
+                report["_staged"] = [
+                    dataclasses.replace(r, ms_per_image=ms[g.name])
+                    for r, g in zip(report["_staged"], gated, strict=True)
+                ]
+    if report is None:
         return None
-    report = build_report(opts, folder, names, read_records(opts.out), cfg, len(done), timed)
     report["timing"] = {
         "seconds": round(elapsed, 3),
         "images_computed": len(todo),
@@ -194,15 +241,39 @@ def run_evaluation(opts: EvalOptions, settings: Settings | None = None) -> dict[
         "scope": "this process" if ctx.world == 1 else "rank 0 only (each rank did its share)",
         "views_per_second": round(views_run / elapsed, 2) if elapsed > 0 else None,
     }
-    rows = report["_rows"]
+    rows, staged = report["_rows"], report["_staged"]
+    halves = report["_plain_halves"]
     write_report(opts, report, model_folder=cfg.folder)
     if opts.policy_budget is not None and cfg.folder is not None:
-        best = best_under_budget(rows, opts.policy_budget)
-        if best is None:
-            raise InvalidRequestError(f"no config fits a budget of {opts.policy_budget} views")
-        write_policy(cfg, best)
-        report["policy_written"] = best.config.rpartition("@")[0]
+        report["policy_written"] = write_chosen_policy(
+            cfg, rows, staged, halves, report["calibration"], opts.policy_budget
+        )
     return report
+
+
+def write_chosen_policy(
+    cfg: ModelConfig,
+    rows: list[Row],
+    staged: list[StagedRow],
+    halves: dict[str, dict[str, float]],
+    calibration: list[dict[str, Any]],
+    budget: float,
+) -> dict[str, Any]:
+    """Write what ``views=auto`` serves: the best plain or gated policy within ``budget``
+    on the fit half, with its temperatures; without per-image probabilities (records of an
+    older run), the best plain config on every image, uncalibrated."""
+    temperatures = {c["config"]: c["temperature"] for c in calibration}
+    chosen = choose_policy(halves, staged, temperatures, budget)
+    if chosen is not None:
+        write_policy(cfg, chosen.spec, chosen.temperatures)
+        return dataclasses.asdict(chosen)
+    best = best_under_budget(rows, budget)
+    if best is None:
+        raise InvalidRequestError(f"no config fits a budget of {budget} views")
+    spec = best.config.rpartition("@")[0]
+    write_policy(cfg, spec)
+    return {"spec": spec, "temperatures": {}, "top1": best.top1,
+            "view_equivalents": best.view_equivalents}  # fmt: skip
 
 
 def score_images(
