@@ -223,11 +223,26 @@
       : "This browser cannot display the photo's format; the boxes are listed below.";
     const c = center.result;
     $("center-caption").textContent = `1 view (${c.spec}), ${model}`;
-    $("mid-caption").textContent = `${r.views} views (${r.spec}), ${r.level} averaging`;
+    $("mid-caption").textContent =
+      `${r.views} views (${r.spec}), ${r.level} averaging, ` +
+      `${r.view_equivalents} view-equivalents, ${Math.round(100 * r.agreement)} % of views agree`;
+    $("stages").textContent = stagesText(r.stages);
     fillTop($("top-center"), c.top, null);
     fillTop($("top-mid"), r.top, c.top[0]);
     fillTimings(center, mid);
     fillViewList();
+  }
+
+  // a staged policy's answer says which stages ran and what each gate saw
+  function stagesText(stages) {
+    if (!stages) return "";
+    return stages
+      .map((s, i) => {
+        const gate = s.gate ? ` if ${s.gate}` : "";
+        const seen = s.signal === null || s.signal === undefined ? "" : ` (saw ${s.signal})`;
+        return `stage ${i + 1}: ${s.spec}${gate}${seen}: ${s.ran ? "ran" : "skipped"}`;
+      })
+      .join("; ");
   }
 
   function sizeCanvas() {

@@ -93,6 +93,7 @@ class ChosenPolicy:
     spec: str
     temperatures: dict[str, float]
     fit_top1: float
+    fit_nll: float
     fit_view_equivalents: float
     top1: float
     view_equivalents: float
@@ -105,21 +106,24 @@ def choose_policy(
     budget: float,
 ) -> ChosenPolicy | None:
     """The most accurate policy on the fit half within ``budget`` view-equivalents per image
-    on average, plain or gated (the cheaper on a tie). ``halves``: the plain softmax configs
-    on the two halves; ``temperatures``: each plain config's, fitted on the fit half."""
+    on average, plain or gated (on a tie the likelier, then the cheaper). ``halves``: the
+    plain softmax configs on the two halves; ``temperatures``: each plain config's, fitted
+    on the fit half."""
     options = [
         ChosenPolicy(name.rpartition("@")[0], {name: temperatures[name]} if name in temperatures
-                     else {}, h["fit_top1"], h["fit_view_equivalents"], h["top1"],
+                     else {}, h["fit_top1"], h["fit_nll"], h["fit_view_equivalents"], h["top1"],
                      h["view_equivalents"])
         for name, h in halves.items()
         if h["fit_view_equivalents"] <= budget
     ] + [
-        ChosenPolicy(r.policy, r.temperatures, r.fit_top1, r.fit_view_equivalents, r.top1,
-                     r.view_equivalents)
+        ChosenPolicy(r.policy, r.temperatures, r.fit_top1, r.fit_nll, r.fit_view_equivalents,
+                     r.top1, r.view_equivalents)
         for r in staged
         if r.budget == budget
     ]  # fmt: skip
-    return max(options, key=lambda c: (c.fit_top1, -c.fit_view_equivalents), default=None)
+    return max(
+        options, key=lambda c: (c.fit_top1, -c.fit_nll, -c.fit_view_equivalents), default=None
+    )
 
 
 def write_policy(

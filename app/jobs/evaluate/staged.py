@@ -123,6 +123,7 @@ class StagedRow:
     paired: Paired  # against the center crop on the same test images
     fit_top1: float
     fit_view_equivalents: float
+    fit_nll: float
     temperatures: dict[str, float]  # calibration key (views run) -> temperature
     gflops: float = math.nan  # mean per image, test half
     ms_per_image: float = math.nan  # measured on the serving path (--time-images)
@@ -139,6 +140,8 @@ class _Candidate:
     joint_right: np.ndarray  # [N] top-1 right after stage 2
     first_top5: np.ndarray
     joint_top5: np.ndarray
+    first_nll: np.ndarray  # [N] -log p(target), calibrated
+    joint_nll: np.ndarray
     first_cost: np.ndarray
     joint_cost: np.ndarray
     first_gflops: np.ndarray
@@ -148,6 +151,11 @@ class _Candidate:
 
 def rounded(temperatures: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in temperatures.items()}
+
+
+def _nll_each(probs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    picked = probs.float().gather(1, targets.long().view(-1, 1))[:, 0].clamp_min(1e-12)
+    return (-picked.log()).numpy().astype(np.float64)
 
 
 def _top5(probs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
@@ -167,6 +175,7 @@ def _candidates(
         sa = by_name[a]
         p1 = calibrate(sa.probs, temps[a])
         right1, top5_1 = (p1.argmax(1) == targets).numpy(), _top5(p1, targets)
+        nll1 = _nll_each(p1, targets)
         for b, sb in by_name.items():
             if b == a or float(sb.cost.mean()) <= float(sa.cost.mean()):
                 continue
@@ -176,37 +185,53 @@ def _candidates(
             joint_t = fit_temperature(joint[f], targets[f])
             answers = {
                 "all": (calibrate(joint, joint_t), {key: joint_t}),
-                "last": (calibrate(sb.probs, temps[b]), {str(specs[b]): temps[b]}),
+                "last": (calibrate(sb.probs, temps[b]), {b: temps[b]}),
             }
             for answer, (p2, t2) in answers.items():
                 right2, top5_2 = (p2.argmax(1) == targets).numpy(), _top5(p2, targets)
+                nll2 = _nll_each(p2, targets)
                 for kind in SIGNALS:
                     out.append(_Candidate(
                         a, b, kind, answer, signals(kind, p1, sa.view_top1), right1, right2,
-                        top5_1, top5_2, sa.cost, sa.cost + sb.cost, sa.gflops,
+                        top5_1, top5_2, nll1, nll2, sa.cost, sa.cost + sb.cost, sa.gflops,
                         sa.gflops + sb.gflops,
                         {a: round(temps[a], 4), **rounded(t2)},
                     ))  # fmt: skip
     return out
 
 
-def _outcome(c: _Candidate, threshold: float, mask: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """(top-1, mean cost, per-image right) of the images in ``mask`` at ``threshold``."""
+@dataclass(frozen=True)
+class Outcome:
+    """A candidate at one threshold, on some of the images."""
+
+    top1: float
+    nll: float  # mean -log p(target): the tie-break, finer than top-1 on few images
+    cost: float  # mean view-equivalents
+    right: np.ndarray
+    went_on: np.ndarray
+
+    def key(self) -> tuple[float, float, float]:
+        """What choosing maximises: top-1, then likelihood, then thrift."""
+        return (self.top1, -self.nll, -self.cost)
+
+
+def _outcome(c: _Candidate, threshold: float, mask: np.ndarray) -> Outcome:
     on = c.gate_values[mask] < threshold
     right = np.where(on, c.joint_right[mask], c.first_right[mask])
+    nll = np.where(on, c.joint_nll[mask], c.first_nll[mask])
     cost = np.where(on, c.joint_cost[mask], c.first_cost[mask])
-    return float(right.mean()), float(cost.mean()), right
+    return Outcome(float(right.mean()), float(nll.mean()), float(cost.mean()), right, on)
 
 
 def _best_threshold(c: _Candidate, fit: np.ndarray, budget: float) -> float | None:
-    """The fit half's most accurate threshold within ``budget`` (the cheaper on a tie)."""
+    """The fit half's best threshold within ``budget`` (Outcome.key)."""
     values = np.unique(np.round(c.gate_values[fit], 4))
-    best: tuple[float, float, float] | None = None
+    best: tuple[Outcome, float] | None = None
     for t in [*values.tolist(), 1.0]:
-        top1, cost, _ = _outcome(c, t, fit)
-        if cost <= budget and (best is None or (top1, -cost) > (best[0], -best[1])):
-            best = (top1, cost, t)
-    return None if best is None else best[2]
+        o = _outcome(c, t, fit)
+        if o.cost <= budget and (best is None or o.key() > best[0].key()):
+            best = (o, t)
+    return None if best is None else best[1]
 
 
 def staged_rows(
@@ -231,19 +256,19 @@ def staged_rows(
     test = ~fit
     rows = []
     for budget in budgets:
-        chosen: tuple[float, float, _Candidate, float] | None = None
+        chosen: tuple[Outcome, _Candidate, float] | None = None
         for c in candidates:
             t = _best_threshold(c, fit, budget)
             if t is None:
                 continue
-            top1, cost, _ = _outcome(c, t, fit)
-            if chosen is None or (top1, -cost) > (chosen[0], -chosen[1]):
-                chosen = (top1, cost, c, t)
+            o = _outcome(c, t, fit)
+            if chosen is None or o.key() > chosen[0].key():
+                chosen = (o, c, t)
         if chosen is None:
             continue
-        fit_top1, fit_cost, c, t = chosen
-        top1, cost, right = _outcome(c, t, test)
-        on = c.gate_values[test] < t
+        on_fit, c, t = chosen
+        o = _outcome(c, t, test)
+        on = o.went_on
         top5 = np.where(on, c.joint_top5[test], c.first_top5[test])
         gflops = np.where(on, c.joint_gflops[test], c.first_gflops[test])
         policy = StagedPolicy(
@@ -251,28 +276,34 @@ def staged_rows(
             "last" if c.answer == "last" else "all",
         )
         rows.append(StagedRow(
-            policy=str(policy), budget=budget, images=int(test.sum()), top1=top1,
-            top5=float(top5.mean()), view_equivalents=cost, escalated=float(on.mean()),
-            paired=paired(right, base_right[test], seed=seed), fit_top1=fit_top1,
-            fit_view_equivalents=fit_cost, temperatures=c.temperatures,
+            policy=str(policy), budget=budget, images=int(test.sum()), top1=o.top1,
+            top5=float(top5.mean()), view_equivalents=o.cost, escalated=float(on.mean()),
+            paired=paired(o.right, base_right[test], seed=seed), fit_top1=on_fit.top1,
+            fit_view_equivalents=on_fit.cost, fit_nll=on_fit.nll, temperatures=c.temperatures,
             gflops=float(gflops.mean()),
         ))  # fmt: skip
     return rows, calibrations
 
 
 def plain_halves(records: Sequence[dict[str, Any]], name: str, seed: int) -> dict[str, float]:
-    """A plain config on the same halves as the staged rows: top-1 and mean cost on each,
-    so the two can be compared (and chosen between on the fit half alone)."""
+    """A plain config on the same halves as the staged rows: top-1, calibrated NLL (its
+    temperature fitted on the fit half) and mean cost, so the two can be compared and
+    chosen between on the fit half alone."""
     fit = np.array([fit_half(r["file"], seed) for r in records])
-    right = np.array([r["target"] == r["top"][name][0] for r in records])
-    cost = np.array([r["view_equivalents"][name] for r in records], dtype=np.float64)
+    s = scored(records, name)
+    targets = torch.tensor([r["target"] for r in records])
+    f = torch.from_numpy(fit)
+    probs = calibrate(s.probs, fit_temperature(s.probs[f], targets[f]))
+    right = (probs.argmax(1) == targets).numpy()
+    nll = _nll_each(probs, targets)
 
     def mean(a: np.ndarray) -> float:
         return float(a.mean()) if a.size else math.nan
 
     return {
         "fit_top1": mean(right[fit]),
-        "fit_view_equivalents": mean(cost[fit]),
+        "fit_nll": mean(nll[fit]),
+        "fit_view_equivalents": mean(s.cost[fit]),
         "top1": mean(right[~fit]),
-        "view_equivalents": mean(cost[~fit]),
+        "view_equivalents": mean(s.cost[~fit]),
     }
