@@ -4,6 +4,7 @@ the naive one, the dtype's agreement, then HTTP, all in one process so the ratio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -15,7 +16,7 @@ import torch
 
 from app.bench.plans import parallel_throughput, raw_by_backend, tuned, tuning_summary
 from app.bench.roofline import gemm_gflops, model_gflops_per_view
-from app.bench.server_load import HttpRound, http_load, start_server, summarize_rounds
+from app.bench.server_load import HttpRound, http_load, summarize_rounds
 from app.bench.timing import (
     dtype_agreement,
     engine_throughput,
@@ -27,6 +28,7 @@ from app.cli_args import settings_from_args
 from app.repository import LoadedModel, ModelRepository
 from app.runtime.engine import Engine, pick_device
 from app.runtime.plan import EngineOptions
+from app.serve_process import serve_process
 from app.tta.views import ViewSpec, default_policy, parse_view_spec
 
 ROUNDS = 3
@@ -46,6 +48,15 @@ def best_chunk(engine: Engine, spec: ViewSpec, d: float, out: dict[str, Any]) ->
     out["raw_forward_views_per_s"] = raw[best]
     out["best_chunk"] = best
     return best
+
+
+# images/s over HTTP of the center crop, the default before staged policies and the
+# model's measured (gated) default, side by side in one run
+GATED_POLICIES = {
+    "center": "center",
+    "previous": "center,full@288,mfull@288",
+    "gated_default": "auto",
+}
 
 
 def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, images: list[bytes],
@@ -69,26 +80,43 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
                               "MIDSERVE_MAX_WAIT_MS": "0"}}  # fmt: skip
     modes = ["batched", "unbatched"] if args.http_matrix else ["batched"]
     levels = [1, 8] if args.http_matrix else [8]
-    servers: dict[str, tuple[Any, str]] = {}
+    servers: dict[str, str] = {}
     rounds: dict[str, list[HttpRound]] = {f"http_{m}_c{c}": [] for m in modes for c in levels}
     engine_rounds: list[float] = []
-    try:
+    with contextlib.ExitStack() as stack:
         for mode in modes:
-            servers[mode] = start_server(models_dir, args.model, {**env, **settings[mode]})
+            servers[mode], _ = stack.enter_context(
+                serve_process(models_dir, args.model, env={**env, **settings[mode]},
+                              inherit_output=True, ready_timeout_s=180)
+            )  # fmt: skip
         # The machine's speed drifts from minute to minute: interleave short rounds of the
         # in-process engine and every HTTP setting, so each ratio compares like with like.
+        policy_rounds: dict[str, list[HttpRound]] = {
+            f"{key}_c{c}": [] for key in GATED_POLICIES for c in (1, 8)
+        }
         for r in range(ROUNDS):
             engine_rounds.append(parallel_throughput(engine, images, spec, args.level, d / ROUNDS))
+            warm = 1.0 if r == 0 else 0.2
             for mode in modes:
                 for c in levels:
                     rounds[f"http_{mode}_c{c}"].append(
-                        http_load(servers[mode][1], args.model, images, params, c,
-                                  d / ROUNDS, warmup_s=1.0 if r == 0 else 0.2)
-                    )  # fmt: skip
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(30)
+                        http_load(servers[mode], args.model, images, params, c, d / ROUNDS, warm)
+                    )
+            for key, views in GATED_POLICIES.items():  # one image a request: images/s
+                for c in (1, 8):
+                    policy_rounds[f"{key}_c{c}"].append(http_load(
+                        servers["batched"], args.model, images, {"views": views}, c,
+                        d / ROUNDS, warm,
+                    ))  # fmt: skip
+    out["http_policies"] = {
+        key: {"views": GATED_POLICIES[key.rpartition("_")[0]],
+              **{k: round(v, 2) for k, v in summarize_rounds(value).items()}}
+        for key, value in policy_rounds.items()
+    }  # fmt: skip
+    gated, before = out["http_policies"]["gated_default_c8"], out["http_policies"]["previous_c8"]
+    out["gated_vs_previous_images_per_s_c8"] = round(
+        gated["requests_per_s"] / max(before["requests_per_s"], 1e-9), 3
+    )
     for key, value in rounds.items():
         out[key] = {k: round(v, 2) for k, v in summarize_rounds(value).items()}
     out["engine_views_per_s_beside_http"] = statistics.median(engine_rounds)
