@@ -1,25 +1,32 @@
-"""A real midserve server in a subprocess (uvicorn on 127.0.0.1, a free port)."""
+"""A real midserve server in a subprocess (app/serve_process.py), with the suite's defaults,
+and readers of its /metrics.
+
+Servers started here run the production default: the load-time tuner on, with a small
+budget and the session's tuning cache (MIDSERVE_TUNE_CACHE_DIR, set by tests/conftest.py),
+so the first server of the session tunes and later ones read the cache. The dtype stays
+float32, so answers can be compared with the in-process float32 engine (within float
+tolerance: the tuner may pick the OpenVINO float32 backend).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from tests.helpers import PROJECT_ROOT
+from app.serve_process import serve_process
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+SERVER_ENV = {
+    "MIDSERVE_DEVICE": "cpu",
+    "MIDSERVE_THREADS": "1",
+    # comparisons with the in-process float32 engine; bf16 is tested on its own
+    "MIDSERVE_DTYPE": "float32",
+    "MIDSERVE_TUNE": "true",
+    "MIDSERVE_TUNE_SECONDS": "0.5",
+}
 
 
 @contextlib.contextmanager
@@ -49,67 +56,25 @@ def server_process(
     log_path: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """As running_server, also yielding the process (for signals and its memory)."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(PROJECT_ROOT),
-        "MIDSERVE_DEVICE": "cpu",
-        "MIDSERVE_THREADS": "1",
-        # exact comparisons with the in-process float32 engine; bf16 is tested on its own
-        "MIDSERVE_DTYPE": "float32",
-        # no timing at load: fast, deterministic start-up (tests/unit/test_tuning.py tunes)
-        "MIDSERVE_TUNE": "false",
-        **(env or {}),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "app.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--models",
+    with serve_process(
+        models_dir,
         models,
-        "--models-dir",
-        str(models_dir),
-        "--log-level",
-        "warning",
-    ]
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        probe = "/readyz" if wait_ready else "/healthz"
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(base + probe, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready within 120 s")
-            time.sleep(0.2)
+        env={**SERVER_ENV, **(env or {})},
+        wait_ready=wait_ready,
+        log_path=log_path,
+    ) as (base, proc):
         yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if log_path:
-            log.close()  # type: ignore[union-attr]
 
 
-def scrape(base: str) -> dict[str, float]:
-    """Every sample on /metrics as {'name{label="v",...}': value} (parsed by prometheus_client)."""
+def scrape(target: str | httpx.Client) -> dict[str, float]:
+    """Every sample on /metrics as {'name{label="v",...}': value} (parsed by prometheus_client),
+    from a base URL or a client (an in-process app's TestClient)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(base + "/metrics", timeout=10).text
+    if isinstance(target, str):
+        text = httpx.get(target + "/metrics", timeout=10).text
+    else:
+        text = target.get("/metrics").text
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

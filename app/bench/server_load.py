@@ -1,20 +1,13 @@
-"""A real ``midserve serve`` in a subprocess, under closed-loop HTTP load."""
+"""A real ``midserve serve`` (started by app/serve_process.py) under closed-loop HTTP load."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -75,27 +68,3 @@ def summarize_rounds(rounds: list[HttpRound]) -> dict[str, float]:
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         "errors": sum(r.errors for r in rounds),
     }
-
-
-def start_server(models_dir: Path, model: str, env: dict[str, str]) -> tuple[Any, str]:
-    """Start ``midserve serve`` in a subprocess; return (process, base URL) once ready."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    full_env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **env}
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--models", model,
-           "--models-dir", str(models_dir), "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=full_env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("benchmark server did not become ready")

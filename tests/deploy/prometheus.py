@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.server import free_port
+from app.serve_process import free_port, running_process
 
 
 def derive_config(shipped: Path, targets: list[str], self_address: str) -> dict[str, Any]:
@@ -76,28 +75,13 @@ def running_prometheus(
         f"--web.listen-address={address}",
         "--log.level=warn",
     ]
-    log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://{address}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with {proc.returncode}: "
-                    + (workdir / "prometheus.log").read_text()[-2000:]
-                )
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(base + "/-/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("prometheus was not ready within 60 s")
-            time.sleep(0.2)
+    with running_process(
+        cmd,
+        base + "/-/ready",
+        log_path=workdir / "prometheus.log",
+        name="prometheus",
+        ready_timeout_s=60,
+        stop_timeout_s=20,
+    ):
         yield Prometheus(base)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
