@@ -34,8 +34,8 @@ system-tools:
 	else echo "missing:$$missing (not root or no apt-get): the tests that need them skip"; fi
 
 lint: install
-	$(VENV)/bin/ruff check app tests bench
-	$(VENV)/bin/ruff format --check app tests bench
+	$(VENV)/bin/ruff check app tests studies
+	$(VENV)/bin/ruff format --check app tests studies
 	$(VENV)/bin/mypy
 
 test: lint system-tools

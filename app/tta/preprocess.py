@@ -155,7 +155,7 @@ def decode_image(data: bytes, limits: DecodeLimits, draft_min_side: int = 0) -> 
 
     ``draft_min_side``: a JPEG at least twice that on its shorter side is decoded at a
     reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling) that keeps the shorter side at
-    least that long (bench/jpeg_draft.py: 3000 px photos prepared about 3x faster)."""
+    least that long (studies/jpeg_draft.py: 3000 px photos prepared about 3x faster)."""
     if not data:
         raise InvalidImageError("empty image: no bytes received")
     with warnings.catch_warnings():

@@ -1,17 +1,24 @@
 """Soak: many requests with mixed image sizes, formats and view counts against a real server.
 
 Reports the server's resident memory (start, after the first thousand, end), errors, and
-latency percentiles of the first and last thousand requests. Not part of ``make test``.
+latency percentiles of the first and last thousand requests. Not part of ``make test``
+(tests/reliability/test_soak.py runs it with 300 requests).
 
-    PYTHONPATH=. python -m bench.soak --requests 10000 --concurrency 8
-    PYTHONPATH=. python -m bench.soak --model tf_efficientnet_lite0 --models-dir models
+    PYTHONPATH=. python -m studies.soak --requests 10000 --concurrency 8
+    PYTHONPATH=. python -m studies.soak --model tf_efficientnet_lite0 --models-dir models
+
+The server runs on the CPU with one thread per forward, float32 and no load-time tuning
+unless the environment sets MIDSERVE_DEVICE, MIDSERVE_THREADS, MIDSERVE_DTYPE or
+MIDSERVE_TUNE; every other MIDSERVE_* variable of the environment reaches it as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -22,10 +29,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+from PIL import Image
 
-from tests.helpers import PROJECT_ROOT, image_bytes, make_tiny_model
-from tests.server import server_process
+from app.serve_process import PROJECT_ROOT, serve_process
 
+# the server's settings unless the environment sets them
+SERVER_DEFAULTS = {
+    "MIDSERVE_DEVICE": "cpu",
+    "MIDSERVE_THREADS": "1",
+    "MIDSERVE_DTYPE": "float32",
+    "MIDSERVE_TUNE": "false",
+}
 SIZES = [(32, 32), (64, 48), (120, 90), (200, 300), (320, 240), (640, 480), (1024, 768)]
 FORMATS = ["PNG", "JPEG"]
 CROPS = [1, 2, 3, 5, 10, 20]
@@ -54,13 +68,53 @@ def _percentiles(ms: list[float]) -> dict[str, float]:
             "mean": round(statistics.fmean(s), 2)}  # fmt: skip
 
 
+def noise_image(width: int, height: int, fmt: str, seed: int) -> bytes:
+    """A random-noise RGB image encoded in ``fmt``."""
+    arr = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tiny_model(root: Path, name: str) -> None:
+    """A tiny real network (timm's test_efficientnet, 10 classes, 64 px views) with seeded
+    random weights, as a model-repository entry under ``root``."""
+    import timm
+    import torch
+
+    from app.jobs.model_writer import write_model_entry
+    from app.model_config import ModelConfig, WeightsSource
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_efficientnet", pretrained=False, num_classes=10).eval()
+    cfg = ModelConfig(
+        name=name,
+        arch="test_efficientnet",
+        weights=WeightsSource(kind="file", path="weights.safetensors"),
+        num_classes=10,
+        input_size=64,
+        crop_pct=0.8,
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        labels="none",
+        default_views="fixed:5,mfixed:5",
+    )
+    write_model_entry(net, cfg, cfg, root / name)
+
+
+def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    defaults = {k: os.environ.get(k, v) for k, v in SERVER_DEFAULTS.items()}
+    return {**defaults, **(env or {})}
+
+
 def _payloads(count: int = 42, seed: int = 0) -> list[tuple[bytes, str]]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
         w, h = SIZES[i % len(SIZES)]
         fmt = FORMATS[(i // len(SIZES)) % len(FORMATS)]
-        out.append((image_bytes(w, h, fmt=fmt, seed=int(rng.integers(1 << 30))), fmt.lower()))
+        out.append((noise_image(w, h, fmt, seed=int(rng.integers(1 << 30))), fmt.lower()))
     return out
 
 
@@ -121,9 +175,9 @@ def run_soak(
     with tempfile.TemporaryDirectory() as tmp:
         if models_dir is None:
             models_dir = Path(tmp)
-            make_tiny_model(models_dir, model)
+            write_tiny_model(models_dir, model)
         window = min(window, max(1, requests // 2))
-        with server_process(models_dir, model, env=env or {}) as (base, proc):
+        with serve_process(models_dir, model, env=server_env(env)) as (base, proc):
             t0 = time.perf_counter()
             lat, statuses, rss = asyncio.run(
                 _drive(base, model, requests, concurrency, proc.pid, window)
@@ -153,9 +207,10 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--model", default="tiny", help="'tiny' builds a tiny model in a temp dir")
     p.add_argument("--models-dir", type=Path, default=None)
+    p.add_argument("--window", type=int, default=1000, help="requests in 'first' and 'last'")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "artifacts" / "soak.json")
     args = p.parse_args()
-    result = run_soak(args.requests, args.concurrency, args.model, args.models_dir)
+    result = run_soak(args.requests, args.concurrency, args.model, args.models_dir, args.window)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(asdict(result), indent=2))
     first, last = result.latency_ms["first"], result.latency_ms["last"]

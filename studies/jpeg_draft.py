@@ -1,6 +1,6 @@
 """Reduced-scale JPEG decoding (``MIDSERVE_JPEG_DRAFT``): time saved and predictions kept.
 
-    PYTHONPATH=. .venv/bin/python bench/jpeg_draft.py [--scale 6] [--images 100]
+    PYTHONPATH=. .venv/bin/python studies/jpeg_draft.py [--scale 6] [--images 100]
 
 The sample photos are about 500 px, too small for a reduced-scale decode to apply, so this
 makes large JPEGs from them: each photo upscaled ``--scale`` times (bicubic) and saved at
@@ -51,7 +51,7 @@ def main() -> None:
     if not files:
         raise SystemExit(f"no photos in {args.data}")
     model = ModelRepository(default_models_dir()).load(args.model, torch.device("cpu"))
-    options = EngineOptions(dtype="auto")
+    options = EngineOptions()  # dtype unset: bf16 where native, else float32
     whole = ImagePipeline(Engine(model, options))
     draft = ImagePipeline(Engine(model, options.with_changes(jpeg_draft=True)))
     spec = default_policy(10)

@@ -1,6 +1,6 @@
 """Measure the engine's speed levers one by one, in one run (ratios, not absolutes).
 
-    .venv/bin/python bench/levers.py [--duration 2] [--chunk 8] [--compile]
+    .venv/bin/python studies/levers.py [--duration 2] [--chunk 8] [--compile]
 
 The default model's raw forward (network only, ready tensors) under each lever: layout
 (NCHW vs channels_last), dtype (float32 vs bfloat16 autocast), the inference rewrites of
