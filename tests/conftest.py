@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,12 +9,27 @@ import torch
 
 from app.repository import ModelRepository
 from app.runtime.engine import Engine
-from tests.helpers import FLOAT32, SAMPLES_MISSING, make_tiny_model, sample_files
+from tests.helpers import DEFAULT_MODEL, FLOAT32, SAMPLES_MISSING, make_tiny_model, sample_files
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-# Settings built in the suite (in-process apps, CLI subprocesses) load models untuned unless
-# a test asks for tuning: start-up stays fast and results do not depend on timings.
+# In-process apps and CLI jobs (classify, evaluate, finetune) load models untuned unless a
+# test asks for tuning: their results are compared exactly and do not depend on timings.
+# Servers started by tests/server.py override this: they run the production default, tuned.
 os.environ.setdefault("MIDSERVE_TUNE", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tune_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One tuning cache for the session (MIDSERVE_TUNE_CACHE_DIR): the first server to load
+    a model tunes it, later servers of the session read the cached plan."""
+    path = tmp_path_factory.mktemp("tuning-cache")
+    before = os.environ.get("MIDSERVE_TUNE_CACHE_DIR")
+    os.environ["MIDSERVE_TUNE_CACHE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("MIDSERVE_TUNE_CACHE_DIR", None)
+    else:
+        os.environ["MIDSERVE_TUNE_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +50,7 @@ def lite0_engine() -> Engine:
     """The embedded default model with its real ImageNet weights."""
     from app.config import default_models_dir
 
-    return Engine(
-        ModelRepository(default_models_dir()).load("tf_efficientnet_lite0", "cpu"), FLOAT32
-    )
+    return Engine(ModelRepository(default_models_dir()).load(DEFAULT_MODEL, "cpu"), FLOAT32)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from app.model_config import ModelConfig, WeightsSource, write_model_config
 from app.pipeline import ImagePipeline, ImagePreparer, Prediction
@@ -22,6 +25,9 @@ from app.tta.views import ViewSpec
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = PROJECT_ROOT.parent / "shared" / "data" / "imagenet-samples"
 SAMPLES_MISSING = "shared/data/imagenet-samples is absent (../shared beside the checkout)"
+DEFAULT_MODEL = "tf_efficientnet_lite0"  # the embedded default model (real ImageNet weights)
+# Distinct base colours: the class is learnable from colour alone, whatever the features.
+PALETTE = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
 
 
 def make_tiny_model(
@@ -93,6 +99,38 @@ def image_bytes(
     buf = io.BytesIO()
     img.save(buf, format=fmt, **save_kwargs)
     return buf.getvalue()
+
+
+def make_image_folder(
+    root: Path, classes: int = 4, per_class: int = 8, seed: int = 0, size=(80, 70)
+) -> Path:
+    """root/<class id>/<n>.png: noisy images tinted by class colour (a training set)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / str(c)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.normal(0, 40, size=(size[1], size[0], 3))
+            arr = np.clip(np.array(PALETTE[c % len(PALETTE)]) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "RGB").save(folder / f"{i}.png")
+    return root
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "weights.safetensors"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m app.cli ARGS`` with this environment (plus ``env``), its output captured."""
+    full_env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+        check=False,
+    )
 
 
 def sample_files() -> list[Path]:

@@ -4,20 +4,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.server import running_server
+from tests.inprocess import in_process_app, tiny_settings
+
+# a long max-wait so concurrent requests batch; small limits so each can be hit
+LIMITS = {
+    "max_wait_ms": 30,
+    "max_batch_views": 48,
+    "max_views_per_request": 40,
+    "max_images_per_request": 4,
+    "max_body_bytes": 2_000_000,
+}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The tiny model behind a real server; a long max-wait so concurrent requests batch."""
-    env = {
-        "MIDSERVE_MAX_WAIT_MS": "30",
-        "MIDSERVE_MAX_BATCH_VIEWS": "48",
-        "MIDSERVE_MAX_VIEWS_PER_REQUEST": "40",
-        "MIDSERVE_MAX_IMAGES_PER_REQUEST": "4",
-        "MIDSERVE_MAX_BODY_BYTES": "2000000",
-    }
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(tiny_repo, env=env, log_path=log) as base:
-        yield base
+def api(tiny_repo: Path) -> Iterator[TestClient]:
+    """The real app with the tiny model, in this process, started and ready."""
+    with in_process_app(tiny_settings(tiny_repo, **LIMITS)) as client:
+        yield client

@@ -3,19 +3,19 @@ server healthy after) lives in tests/reliability/bad_inputs.py."""
 
 from __future__ import annotations
 
-import httpx
+from fastapi.testclient import TestClient
 
 from tests.helpers import image_bytes
 
 GOOD = image_bytes(90, 70)
 
 
-def test_one_bad_image_among_good_ones(server: str) -> None:
+def test_one_bad_image_among_good_ones(api: TestClient) -> None:
     files = [
         ("images", ("good.png", GOOD, "image/png")),
         ("images", ("bad.png", b"nope", "image/png")),
     ]
-    res = httpx.post(server + "/v1/models/tiny/classify", files=files)
+    res = api.post("/v1/models/tiny/classify", files=files)
     assert res.status_code == 200
     good, bad = res.json()["results"]
     assert good["top"] and good.get("error") is None

@@ -1,51 +1,52 @@
-"""The real server over real HTTP: endpoints, batching across requests, metrics."""
+"""The real app in process (tests/inprocess.py): endpoints, batching across requests,
+metrics. tests/api/test_server_process.py runs the same over a real socket."""
 
 from __future__ import annotations
 
-import asyncio
+import time
 from pathlib import Path
 
-import httpx
-import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from app.runtime.engine import Engine
 from app.tta.views import default_policy, parse_view_spec
 from tests.helpers import classify, image_bytes
+from tests.inprocess import Call, concurrently, in_process_app, tiny_settings
 from tests.server import scrape, total
 
 CLASSIFY = "/v1/models/tiny/classify"
 
 
-def test_probes_models_and_docs(server: str) -> None:
-    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
-    ready = httpx.get(server + "/readyz")
+def test_probes_models_and_docs(api: TestClient) -> None:
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["models"]["tiny"]["state"] == "ready"
-    models = httpx.get(server + "/v1/models").json()["models"]
+    models = api.get("/v1/models").json()["models"]
     assert [m["name"] for m in models] == ["tiny"]
-    one = httpx.get(server + "/v1/models/tiny").json()
+    one = api.get("/v1/models/tiny").json()
     assert one["input_size"] == 64 and one["resize_size"] == 80
     assert "batch norms folded" in one["fusion"]  # the served network is the rewritten one
     assert (
         one["default_views"] == "fixed:5,mfixed:5" and one["limits"]["max_views_per_request"] == 40
     )
-    docs = httpx.get(server + "/docs").text
+    docs = api.get("/docs").text
     assert "/static/docs/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
-    assert httpx.get(server + "/static/docs/swagger-ui-bundle.js").status_code == 200
-    spec = httpx.get(server + "/openapi.json").json()
+    assert api.get("/static/docs/swagger-ui-bundle.js").status_code == 200
+    spec = api.get("/openapi.json").json()
     assert "/v1/models/{model}/classify" in spec["paths"]
-    assert httpx.get(server + "/metrics").headers["content-type"].startswith("text/plain")
+    assert api.get("/metrics").headers["content-type"].startswith("text/plain")
 
 
-def test_multipart_and_raw_body_agree(server: str, tiny_engine: Engine) -> None:
+def test_multipart_and_raw_body_agree(api: TestClient, tiny_engine: Engine) -> None:
     data = image_bytes(120, 90, seed=1)
-    multi = httpx.post(
-        server + CLASSIFY,
+    multi = api.post(
+        CLASSIFY,
         params={"views": "fixed:5,random:2", "seed": 4},
         files=[("images", ("a.png", data, "image/png"))],
     ).json()
-    raw = httpx.post(
-        server + CLASSIFY + "?views=fixed:5,random:2&seed=4",
+    raw = api.post(
+        CLASSIFY + "?views=fixed:5,random:2&seed=4",
         content=data,
         headers={"content-type": "image/png"},
     ).json()
@@ -57,10 +58,10 @@ def test_multipart_and_raw_body_agree(server: str, tiny_engine: Engine) -> None:
     assert set(a["timings_ms"]) == {"decode", "preprocess", "queue_wait", "forward", "postprocess"}
 
 
-def test_form_fields_carry_parameters(server: str) -> None:
+def test_form_fields_carry_parameters(api: TestClient) -> None:
     data = image_bytes(100, 100, seed=2)
-    res = httpx.post(
-        server + CLASSIFY,
+    res = api.post(
+        CLASSIFY,
         data={"crops": "3", "level": "logit", "top_k": "2"},
         files=[("images", ("x.png", data, "image/png"))],
     )
@@ -69,23 +70,23 @@ def test_form_fields_carry_parameters(server: str) -> None:
     assert len(body["top"]) == 2 and body["spec"] == "center:1,random:1,mrandom:1"
 
 
-def test_32_concurrent_requests_are_batched_and_correct(server: str, tiny_engine: Engine) -> None:
-    before = scrape(server)
+def test_32_concurrent_requests_are_batched_and_correct(
+    api: TestClient, tiny_engine: Engine
+) -> None:
+    before = scrape(api)
     cases = []
     for i in range(32):
         crops = (1, 3, 7, 10, 14)[i % 5]
         level = ("feature", "logit", "softmax")[i % 3]
         cases.append((image_bytes(90 + i, 70 + 2 * i, seed=100 + i), crops, level, 1000 + i))
 
-    async def fire() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
-            return await asyncio.gather(*(
-                client.post(CLASSIFY, params={"crops": c, "level": lv, "seed": s, "top_k": 3},
-                            files=[("images", ("i.png", d, "image/png"))])
-                for d, c, lv, s in cases
-            ))  # fmt: skip
+    def call(d: bytes, c: int, lv: str, s: int) -> Call:
+        params = {"crops": c, "level": lv, "seed": s, "top_k": 3}
+        return lambda http: http.post(
+            CLASSIFY, params=params, files=[("images", ("i.png", d, "image/png"))]
+        )
 
-    responses = asyncio.run(fire())
+    responses = concurrently(api, [call(*case) for case in cases])
     for (data, crops, level, seed), res in zip(cases, responses, strict=True):
         assert res.status_code == 200, res.text
         got = res.json()["results"][0]
@@ -98,7 +99,7 @@ def test_32_concurrent_requests_are_batched_and_correct(server: str, tiny_engine
             rtol=1e-4,
             atol=1e-5,
         )
-    after = scrape(server)
+    after = scrape(api)
     forwards = total(after, "midserve_batch_requests_count") - total(
         before, "midserve_batch_requests_count"
     )
@@ -111,12 +112,12 @@ def test_32_concurrent_requests_are_batched_and_correct(server: str, tiny_engine
     assert forwards < 32 and requests_in_forwards / forwards > 1.5, (forwards, requests_in_forwards)
 
 
-def test_metrics_histograms_and_accuracy_counters(server: str) -> None:
-    before = scrape(server)
+def test_metrics_histograms_and_accuracy_counters(api: TestClient) -> None:
+    before = scrape(api)
     data = [image_bytes(80, 80, seed=s) for s in range(3)]
     # learn what the model predicts, then label one image right and two wrong
-    first = httpx.post(
-        server + CLASSIFY,
+    first = api.post(
+        CLASSIFY,
         params={"crops": 5},
         files=[("images", ("a.png", d, "image/png")) for d in data],
     ).json()
@@ -125,13 +126,13 @@ def test_metrics_histograms_and_accuracy_counters(server: str) -> None:
     outside_top5 = [i for i in range(10) if i not in [t["index"] for t in tops[1]]][0]
     second_in_top5 = tops[2][1]["index"]  # rank 2: a top-5 hit, not a top-1 hit
     labels = f"{right},{outside_top5},{second_in_top5}"
-    res = httpx.post(
-        server + CLASSIFY,
+    res = api.post(
+        CLASSIFY,
         params={"crops": 5, "label": labels},
         files=[("images", ("a.png", d, "image/png")) for d in data],
     )
     assert res.status_code == 200
-    after = scrape(server)
+    after = scrape(api)
 
     def moved(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
@@ -163,49 +164,47 @@ def test_metrics_histograms_and_accuracy_counters(server: str) -> None:
     assert moved("midserve_requests_total", route="/v1/models/{model}/classify", status="200") == 2
 
 
-@pytest.mark.parametrize("wait_ready", [False])
-def test_unready_model_reports_why(tmp_path: Path, tiny_repo: Path, wait_ready: bool) -> None:
+def test_unready_model_reports_why(tmp_path: Path, tiny_repo: Path) -> None:
     """A model whose weights fail to load: the server starts and /readyz names it."""
     import shutil
-
-    from tests.server import running_server
 
     shutil.copytree(tiny_repo / "tiny", tmp_path / "tiny")
     shutil.copytree(tiny_repo / "tiny", tmp_path / "broken")
     (tmp_path / "broken" / "weights.safetensors").write_bytes(b"garbage")
-    with running_server(tmp_path, models="tiny,broken", wait_ready=wait_ready) as base:
+    settings = tiny_settings(tmp_path, ["tiny", "broken"])
+    with in_process_app(settings, wait_ready=False) as client:
         for _ in range(200):
-            ready = httpx.get(base + "/readyz").json()
+            ready = client.get("/readyz").json()
             if (
                 ready["models"]["broken"]["state"] != "loading"
                 and ready["models"]["tiny"]["state"] != "loading"
             ):
                 break
-            asyncio.run(asyncio.sleep(0.1))
+            time.sleep(0.1)
         assert ready["ready"] is False and ready["models"]["broken"]["state"] == "failed"
         assert ready["models"]["broken"]["error"]
-        assert httpx.get(base + "/readyz").status_code == 503
-        res = httpx.post(
-            base + "/v1/models/broken/classify",
+        assert client.get("/readyz").status_code == 503
+        res = client.post(
+            "/v1/models/broken/classify",
             content=image_bytes(),
             headers={"content-type": "image/png"},
         )
         assert res.status_code == 503 and res.json()["error"]["type"] == "model_not_ready"
-        ok = httpx.post(
-            base + "/v1/models/tiny/classify",
+        ok = client.post(
+            "/v1/models/tiny/classify",
             content=image_bytes(),
             headers={"content-type": "image/png"},
         )
         assert ok.status_code == 200
 
 
-def test_auto_policy_spends_views_by_image_shape(server: str, tiny_engine: Engine) -> None:
+def test_auto_policy_spends_views_by_image_shape(api: TestClient, tiny_engine: Engine) -> None:
     from app.tta.adaptive import auto_policy
 
     for w, h in ((80, 80), (100, 80), (200, 80)):  # resized: 80x80, 100x80, 200x80
         data = image_bytes(w, h, seed=w)
-        res = httpx.post(
-            server + CLASSIFY,
+        res = api.post(
+            CLASSIFY,
             params={"views": "auto", "seed": 3},
             content=data,
             headers={"content-type": "image/png"},
@@ -218,7 +217,7 @@ def test_auto_policy_spends_views_by_image_shape(server: str, tiny_engine: Engin
         assert [t["index"] for t in body["top"]] == [t.index for t in local.top]
 
 
-def test_eval_results_become_gauges(server: str, tiny_repo: Path) -> None:
+def test_eval_results_become_gauges(api: TestClient, tiny_repo: Path) -> None:
     from app.eval_results import EvalResult, write_eval_results
 
     rows = [
@@ -227,7 +226,7 @@ def test_eval_results_become_gauges(server: str, tiny_repo: Path) -> None:
     ]
     write_eval_results(tiny_repo / "tiny", "tiny", rows)
     try:
-        samples = scrape(server)  # read at scrape time: no restart needed
+        samples = scrape(api)  # read at scrape time: no restart needed
     finally:
         (tiny_repo / "tiny" / "eval.json").unlink()
     sel = {"model": "tiny", "dataset": "unit-set"}

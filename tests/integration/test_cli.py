@@ -1,24 +1,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers import PROJECT_ROOT, image_bytes
+import pytest
 
+from tests.helpers import image_bytes, run_cli
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+pytestmark = pytest.mark.slow  # the command line end to end, a process per call
 
 
 def test_classify_json_reports_each_image_in_order(tiny_repo: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ def test_center_crop_top1_on_real_photos(lite0_engine: Engine, samples, dtype: s
     assert hits / len(samples) >= 0.85, f"top-1 {hits}/{len(samples)} ({engine.dtype_name})"
 
 
+@pytest.mark.slow
 def test_auto_dtype_follows_the_cpu(lite0_engine: Engine) -> None:
     from app.runtime.machine import cpu_has_native_bf16
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from app.errors import DataError, InvalidRequestError
 from app.jobs.finetune.data import FixResTransform
@@ -20,30 +19,9 @@ from app.jobs.finetune.run import run_finetune
 from app.repository import ModelRepository
 from app.runtime.engine import Engine
 from app.tta.views import parse_view_spec
-from tests.helpers import FLOAT32, classify, make_tiny_model
+from tests.helpers import FLOAT32, classify, make_image_folder, make_tiny_model, read_weights
 
-# Distinct base colours: the class is learnable from colour alone, whatever the features.
-PALETTE = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
 TEST_SIZE = 96  # a multiple of test_efficientnet's total stride (32); the parent runs at 64
-
-
-def make_image_folder(
-    root: Path, classes: int = 4, per_class: int = 8, seed: int = 0, size=(80, 70)
-) -> Path:
-    """root/<class id>/<n>.png: noisy images tinted by class colour."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / str(c)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            noise = rng.normal(0, 40, size=(size[1], size[0], 3))
-            arr = np.clip(np.array(PALETTE[c % len(PALETTE)]) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(arr, "RGB").save(folder / f"{i}.png")
-    return root
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "weights.safetensors"))
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import torch
 
 from app.jobs.finetune.options import FinetuneOptions
 from app.jobs.finetune.run import run_finetune
-from tests.helpers import PROJECT_ROOT, make_tiny_model
-from tests.jobs.test_finetune import make_image_folder, read_weights
+from tests.helpers import PROJECT_ROOT, make_image_folder, make_tiny_model, read_weights
 
 
 @pytest.mark.slow

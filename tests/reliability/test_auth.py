@@ -8,14 +8,13 @@ import hmac
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
 from tests.helpers import image_bytes
-from tests.server import running_server
+from tests.inprocess import in_process_app, tiny_settings
 
 CLASSIFY = "/v1/models/tiny/classify"
 PNG = {"content-type": "image/png"}
@@ -23,11 +22,15 @@ TOKENS = ["first-token-3f9a", "second-token-77c1"]
 
 
 @pytest.fixture(scope="module")
-def token_server(tiny_repo: Path) -> Iterator[str]:
-    """Tokens from the environment (a JSON list), probes open (the default)."""
-    env = {"MIDSERVE_AUTH_TOKENS": '["first-token-3f9a","second-token-77c1"]'}
-    with running_server(tiny_repo, env=env) as base:
-        yield base
+def token_server(tiny_repo: Path) -> Iterator[TestClient]:
+    """Tokens from the environment (a JSON list), probes open (the default); the real app
+    in process (tests/inprocess.py)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MIDSERVE_AUTH_TOKENS", '["first-token-3f9a","second-token-77c1"]')
+        settings = tiny_settings(tiny_repo)
+    assert settings.auth_tokens == TOKENS
+    with in_process_app(settings) as client:
+        yield client
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -41,28 +44,26 @@ def _bearer(token: str) -> dict[str, str]:
     ids=["none", "wrong", "empty", "no scheme", "basic scheme", "longer", "prefix"],
 )  # fmt: skip
 def test_classify_and_models_refuse_without_a_valid_token(
-    token_server: str, headers: dict[str, str]
+    token_server: TestClient, headers: dict[str, str]
 ) -> None:
     for method, path in (("POST", CLASSIFY), ("GET", "/v1/models"), ("GET", "/v1/models/tiny")):
-        res = httpx.request(method, token_server + path, content=image_bytes(),
-                            headers={**PNG, **headers})  # fmt: skip
+        res = token_server.request(method, path, content=image_bytes(),
+                                   headers={**PNG, **headers})  # fmt: skip
         assert res.status_code == 401, (path, res.text)
         assert res.json()["error"]["type"] == "unauthorized"
         assert res.headers["www-authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize("token", TOKENS)
-def test_every_configured_token_works(token_server: str, token: str) -> None:
-    res = httpx.post(
-        token_server + CLASSIFY, content=image_bytes(), headers={**PNG, **_bearer(token)}
-    )
+def test_every_configured_token_works(token_server: TestClient, token: str) -> None:
+    res = token_server.post(CLASSIFY, content=image_bytes(), headers={**PNG, **_bearer(token)})
     assert res.status_code == 200 and res.json()["results"][0]["top"]
-    assert httpx.get(token_server + "/v1/models", headers=_bearer(token)).status_code == 200
+    assert token_server.get("/v1/models", headers=_bearer(token)).status_code == 200
 
 
-def test_probes_and_metrics_stay_open_by_default(token_server: str) -> None:
+def test_probes_and_metrics_stay_open_by_default(token_server: TestClient) -> None:
     for path in ("/healthz", "/readyz", "/metrics"):
-        assert httpx.get(token_server + path).status_code == 200, path
+        assert token_server.get(path).status_code == 200, path
 
 
 def _app(tmp_path: Path, tiny_repo: Path, **settings: object) -> TestClient:

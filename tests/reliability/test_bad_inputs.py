@@ -58,6 +58,7 @@ def report() -> Iterator[None]:
         print("\n" + write_report(CASES, RECEIVED))
 
 
+@pytest.mark.slow  # a real server (its socket: raw HTTP, slow uploads)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_gets_a_clear_answer_and_the_server_stays_healthy(
     strict_server: str, case: Case

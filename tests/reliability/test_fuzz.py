@@ -9,13 +9,21 @@ import os
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from app.errors import ImageTooLargeError, InvalidImageError, InvalidRequestError
 from app.tta.preprocess import DecodeLimits, decode_image
-from app.tta.views import KINDS, MAX_PER_KIND, parse_view_spec
+from app.tta.views import (
+    AUTO_SPEC,
+    KINDS,
+    MAX_PER_KIND,
+    MAX_VIEW_SIZE,
+    MIN_VIEW_SIZE,
+    parse_view_spec,
+    split_kind,
+)
 from tests.helpers import image_bytes
 
 FUZZ_CASES = int(os.environ.get("MIDSERVE_FUZZ_CASES", "25"))  # per API operation
@@ -23,8 +31,9 @@ SMALL = DecodeLimits(max_pixels=1_000_000, max_aspect_ratio=16.0)
 
 spec_text = st.one_of(
     st.text(max_size=60),
+    st.sampled_from(["auto", "AUTO", " Auto ", "auto,fixed:5", "auto:3"]),
     st.lists(
-        st.tuples(st.sampled_from([*KINDS, "zoom", "", " Random "]),
+        st.tuples(st.sampled_from([*KINDS, "zoom", "", " Random ", "full@96", "fixed@15"]),
                   st.sampled_from(["", ":", ":0", ":1", ":3", ":5", ":-2", ":x", ": 7", ":99"])),
         max_size=6,
     ).map(lambda items: ",".join(k + c for k, c in items)),
@@ -33,15 +42,23 @@ spec_text = st.one_of(
 
 @settings(max_examples=400, deadline=None)
 @given(spec_text)
+@example("AUTO")  # the adaptive policy: valid with no parts (resolved per image)
+@example("full@288,mfull@288:1")
 def test_view_spec_parser_returns_a_valid_spec_or_a_domain_error(text: str) -> None:
     try:
         spec = parse_view_spec(text)
     except InvalidRequestError as exc:
         assert str(exc)
         return
-    assert spec.total >= 1 and len({k for k, _ in spec.parts}) == len(spec.parts)
-    for kind, count in spec.parts:
+    if spec.adaptive:  # ``auto``: no parts of its own, resolved per image
+        assert text.strip().lower() == "auto"
+        assert spec == AUTO_SPEC and spec.parts == () and str(spec) == "auto"
+    else:
+        assert spec.total >= 1 and len({k for k, _ in spec.parts}) == len(spec.parts)
+    for token, count in spec.parts:
+        kind, size = split_kind(token)
         assert kind in KINDS and 1 <= count <= MAX_PER_KIND.get(kind, 10**6)
+        assert size == 0 or MIN_VIEW_SIZE <= size <= MAX_VIEW_SIZE
     assert parse_view_spec(str(spec)) == spec  # its text form parses back to itself
 
 
@@ -85,6 +102,7 @@ def test_decoder_returns_an_rgb_image_or_a_domain_error(data: bytes) -> None:
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(strict_server: str) -> None:
     schema = schemathesis.openapi.from_url(strict_server + "/openapi.json")
     seen: dict[str, int] = {}

@@ -8,11 +8,14 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.helpers import image_bytes
 from tests.reliability.bad_inputs import CLASSIFY, READ_TIMEOUT_S
 from tests.reliability.rawhttp import RawResponse, dribble
 from tests.server import scrape, total
+
+pytestmark = pytest.mark.slow  # a real server: the socket is what is tested
 
 
 def test_dribbling_upload_is_ended_while_others_are_served(strict_server: str) -> None:

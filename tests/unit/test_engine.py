@@ -39,6 +39,7 @@ def test_center_view_equals_timm_eval_transform(tiny_engine: Engine, w: int, h: 
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the real lite0 weights
 def test_center_view_equals_timm_for_the_default_model(lite0_engine: Engine, samples) -> None:
     data = samples[3].read_bytes()
     pred = classify(lite0_engine, data, parse_view_spec("center"), level="logit", top_k=5)

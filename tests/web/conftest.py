@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 
 from app.config import default_models_dir
-from tests.helpers import PROJECT_ROOT, sample_files
+from tests.helpers import DEFAULT_MODEL, PROJECT_ROOT, sample_files
 from tests.server import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-DEFAULT_MODEL = "tf_efficientnet_lite0"
 ARTIFACTS = PROJECT_ROOT / "artifacts" / "web"
 
 

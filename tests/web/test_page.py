@@ -17,8 +17,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import image_bytes, sample_files
-from tests.web.conftest import DEFAULT_MODEL
+from tests.helpers import DEFAULT_MODEL, image_bytes, sample_files
+
+pytestmark = pytest.mark.slow  # a real browser against a real server
 
 WAIT_S = 90
 
