@@ -4,7 +4,7 @@ through these functions, so an evaluated policy is the served one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,48 +31,49 @@ class GateRecord:
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def staged_answer(
-    policy: StagedPolicy,
-    stage_ends: list[int],
-    stages_run: int,
-    outputs: ViewOutputs,
-    level: Level,
-    head: Head,
-    temperatures: dict[str, float],
-) -> tuple[torch.Tensor, float]:
-    """The calibrated probabilities [C] after ``stages_run`` stages, and the temperature
-    applied: the model's temperature for the views averaged (model.toml ``[calibration]``,
-    keyed ``spec@level``), else 1. ``outputs`` holds at least those stages' views, in
-    order. The server, the CLI and evaluation all answer through this function."""
-    k = stages_run
-    if policy.answer == "last" and k > 1:  # the last stage's views alone
-        rows = slice(stage_ends[k - 2], stage_ends[k - 1])
-        averaged = policy.stages[k - 1].spec
-    else:
-        rows = slice(0, stage_ends[k - 1])
-        averaged = ViewSpec(tuple(p for stage in policy.stages[:k] for p in stage.spec.parts))
-    probs = average_probabilities(outputs.features[rows], outputs.logits[rows], head, level)
-    temperature = temperatures.get(f"{averaged}@{level}", 1.0)
-    return calibrate(probs, temperature), temperature
+@dataclass(frozen=True)
+class StagedAnswers:
+    """How one policy is answered at one level: averaged through ``head``, calibrated by
+    the model's temperature for the views averaged (model.toml ``[calibration]``, keyed
+    ``spec@level``; else 1). The server, the CLI and evaluation all answer through it."""
 
+    policy: StagedPolicy
+    level: Level
+    head: Head
+    temperatures: Mapping[str, float]
 
-def next_gate(
-    policy: StagedPolicy,
-    stage_ends: list[int],
-    stages_run: int,
-    outputs: ViewOutputs,
-    level: Level,
-    head: Head,
-    temperatures: dict[str, float],
-) -> GateRecord:
-    """The gate before stage ``stages_run + 1``: its signal on the calibrated answer after
-    ``stages_run`` stages (agreement: over every view run so far) and its decision."""
-    gate = policy.stages[stages_run].gate
-    assert gate is not None  # every stage after the first has one
-    probs, _ = staged_answer(policy, stage_ends, stages_run, outputs, level, head, temperatures)
-    view_top1 = outputs.logits[: stage_ends[stages_run - 1]].argmax(dim=-1)
-    value = gate_signal(gate.signal, probs, view_top1)
-    return GateRecord(gate, value, gate.goes_on(value))
+    def answer(self, outputs: ViewOutputs, stages_run: int) -> tuple[torch.Tensor, float]:
+        """The calibrated probabilities [C] after ``stages_run`` stages (``outputs`` holds
+        at least those stages' views, in order) and the temperature applied."""
+        policy, ends, k = self.policy, self.policy.stage_ends, stages_run
+        if policy.answer == "last" and k > 1:  # the last stage's views alone
+            rows = slice(ends[k - 2], ends[k - 1])
+            averaged = policy.stages[k - 1].spec
+        else:
+            rows = slice(0, ends[k - 1])
+            averaged = ViewSpec(tuple(p for stage in policy.stages[:k] for p in stage.spec.parts))
+        probs = average_probabilities(
+            outputs.features[rows], outputs.logits[rows], self.head, self.level
+        )
+        temperature = self.temperatures.get(f"{averaged}@{self.level}", 1.0)
+        return calibrate(probs, temperature), temperature
+
+    def gate(self, outputs: ViewOutputs, stages_run: int) -> GateRecord:
+        """The gate before stage ``stages_run + 1``: its signal on the calibrated answer
+        after ``stages_run`` stages (agreement: over every view run so far), its decision."""
+        gate = self.policy.stages[stages_run].gate
+        assert gate is not None  # every stage after the first has one
+        probs, _ = self.answer(outputs, stages_run)
+        view_top1 = outputs.logits[: self.policy.stage_ends[stages_run - 1]].argmax(dim=-1)
+        value = gate_signal(gate.signal, probs, view_top1)
+        return GateRecord(gate, value, gate.goes_on(value))
+
+    def stages_to_run(self, outputs: ViewOutputs) -> int:
+        """With every stage's outputs known (offline): how many stages the gates run."""
+        k = 1
+        while k < len(self.policy.stages) and self.gate(outputs, k).went_on:
+            k += 1
+        return k
 
 
 def top_classes(labels: LabelSet, probs: torch.Tensor, indices: torch.Tensor) -> list[TopClass]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.answers import GateRecord, next_gate, staged_answer, top_classes
+from app.answers import GateRecord, StagedAnswers, top_classes
 from app.errors import LimitExceededError
 from app.model_config import ModelConfig
 from app.request import ClassifyRequest, Level
@@ -244,10 +244,10 @@ class ImagePipeline:
     ) -> tuple[torch.Tensor, float]:
         """The calibrated probabilities [C] after the stages run so far (``outputs``: every
         view run, in order) and the temperature applied."""
-        return staged_answer(
-            prepared.policy, prepared.stage_ends, prepared.stages_run, outputs, level,
-            self.engine.head, self.temperatures,
-        )  # fmt: skip
+        return self.answers(prepared.policy, level).answer(outputs, prepared.stages_run)
+
+    def answers(self, policy: StagedPolicy, level: Level) -> StagedAnswers:
+        return StagedAnswers(policy, level, self.engine.head, self.temperatures)
 
     @torch.inference_mode()
     def goes_on(self, prepared: PreparedViews, outputs: ViewOutputs, level: Level) -> bool:
@@ -255,10 +255,7 @@ class ImagePipeline:
         the last stage."""
         if prepared.last_stage:
             return False
-        record = next_gate(
-            prepared.policy, prepared.stage_ends, prepared.stages_run, outputs, level,
-            self.engine.head, self.temperatures,
-        )  # fmt: skip
+        record = self.answers(prepared.policy, level).gate(outputs, prepared.stages_run)
         prepared.gates.append(record)
         return record.went_on
 

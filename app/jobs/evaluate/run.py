@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from app.answers import next_gate, staged_answer
+from app.answers import StagedAnswers
 from app.config import Settings
 from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage, read_labelled_folder
@@ -139,13 +139,12 @@ class PoolScorer:
         """A config's probabilities from its views' outputs (every stage's, in order), as
         the server answers: a staged policy stops where its gate stops it. Also the
         number of views that answer ran."""
-        ends, k = policy.stage_ends, 1
-        head, temps = self.engine.head, self.temperatures
-        while k < len(ends) and next_gate(policy, ends, k, out, level, head, temps).went_on:
-            k += 1
+        head = self.engine.head
         if not policy.staged:  # plain configs stay uncalibrated: the report fits them
-            return average_probabilities(out.features, out.logits, head, level), ends[0]
-        return staged_answer(policy, ends, k, out, level, head, temps)[0], ends[k - 1]
+            return average_probabilities(out.features, out.logits, head, level), policy.total
+        answers = StagedAnswers(policy, level, head, self.temperatures)
+        k = answers.stages_to_run(out)
+        return answers.answer(out, k)[0], policy.stage_ends[k - 1]
 
     @torch.inference_mode()
     def score(self, batch: list[PlannedImage]) -> list[dict[str, Any]]:
