@@ -120,6 +120,9 @@ def burst_until_overloaded(base: str, tries: int = 5) -> int:
 
 def one_round(a: str, b: str) -> tuple[int, int, int]:
     counts = labelled_traffic(a)
+    # a staged policy whose gate sends every image on: escalations and gate signals
+    staged = post(a, image_bytes(), views="center|margin<1|full@96,mfull@96")
+    assert staged.status_code == 200 and staged.json()["results"][0]["stages"][1]["ran"]
     bad = post(a, b"this is not an image")
     assert bad.status_code in (400, 415, 422), bad.text
     burst_until_overloaded(a)
