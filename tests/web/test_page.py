@@ -122,6 +122,9 @@ CASES = [
     pytest.param("tiny", {"views": "fixed:5,mfixed:5,random:4,mrandom:4"}, "logit", id="tiny"),
     pytest.param("tiny", {"views": "center,full@96,mfull@96"}, "softmax", id="tiny-whole-image"),
     pytest.param(
+        "tiny", {"views": "center|margin<1|full@96,mfull@96"}, "softmax", id="tiny-staged"
+    ),
+    pytest.param(
         DEFAULT_MODEL, {"crops": "20"}, "softmax", id="default-model", marks=pytest.mark.slow
     ),
 ]
@@ -173,6 +176,15 @@ def test_page_draws_views_and_top5_matching_the_api(
     assert len(_api_rows(m)) == 5
     caption = driver.find_element(By.ID, "mid-caption").text
     assert m["spec"] in caption and level in caption
+    assert f"{m['view_equivalents']:g} view-equivalents" in caption
+    stage_text = driver.find_element(By.ID, "stages").text
+    if m.get("stages"):  # a staged policy: which stages ran and what each gate saw
+        for k, stage in enumerate(m["stages"]):
+            shown = f"stage {k + 1}: {stage['spec']}"
+            assert shown in stage_text and ("ran" if stage["ran"] else "skipped") in stage_text
+        assert f"saw {m['stages'][1]['signal']:g}" in stage_text
+    else:
+        assert stage_text == ""
     assert f"seed {seed}" in driver.find_element(By.ID, "summary").text
 
     # every view: kind, box and per-view top-1, in the API's order
