@@ -30,7 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--models-dir", type=Path, default=None, help="model repository folder")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     if dtype:
-        p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+        p.add_argument("--dtype", default=None, choices=("auto", *DTYPE_NAMES),
                        help="default: MIDSERVE_DTYPE, else auto (as the server)")  # fmt: skip
 
 

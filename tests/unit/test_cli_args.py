@@ -47,3 +47,15 @@ def test_evaluate_and_bench_default_to_the_servers_dtype() -> None:
     for argv in (["evaluate", "--data", "d"], ["bench"]):
         args = parser.parse_args(argv)
         assert args.dtype is None and args.device is None and args.models_dir is None
+
+
+def test_auto_and_unset_spell_the_same_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.cli_args import settings_from_args
+
+    monkeypatch.setenv("MIDSERVE_DTYPE", "float32")
+    parser = build_parser()
+    given = settings_from_args(parser.parse_args(["classify", "x.jpg", "--dtype", "auto"]))
+    assert given.dtype is None  # auto: chosen at load, over the environment's float32
+    assert settings_from_args(parser.parse_args(["classify", "x.jpg"])).dtype == "float32"
+    monkeypatch.setenv("MIDSERVE_DTYPE", "auto")
+    assert settings_from_args(parser.parse_args(["classify", "x.jpg"])).dtype is None
