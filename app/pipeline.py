@@ -42,7 +42,8 @@ from app.tta.views import (
     view_equivalents,
 )
 
-# a reduced-scale JPEG decode keeps the shorter side at least this many times the resize size
+# a reduced-scale JPEG decode keeps the shorter side at least this many times the largest
+# resize the policy's views ask for (docs/benchmarks.md: top-1 unchanged on the samples)
 JPEG_DRAFT_MARGIN = 2
 
 
@@ -139,20 +140,34 @@ class ImagePreparer:
         limits: DecodeLimits,
         jpeg_draft: bool,
         stride: int = DEFAULT_STRIDE,
+        uint8: bool = True,
     ) -> None:
         self.cfg, self.device, self.limits = cfg, device, limits
         self.geometry = ViewGeometry(cfg.input_size, cfg.crop_pct, cfg.resize_size, stride)
         self.measured_auto = parse_policy(cfg.auto_views) if cfg.auto_views else None
-        # opt-in: large JPEGs decoded at 1/2-1/8 scale, still at least twice the resize size
-        self.draft_min_side = JPEG_DRAFT_MARGIN * cfg.resize_size if jpeg_draft else 0
+        self.jpeg_draft, self.uint8 = jpeg_draft, uint8
 
-    def image(self, data: bytes) -> tuple[PreparedImage, float]:
-        """The decoded image, ready to be resized once per resolution; (image, decode s)."""
-        t0 = time.perf_counter()
-        decoded = decode_image(data, self.limits, self.draft_min_side)
-        image = prepare_image(
-            decoded.image, self.cfg, self.device, decoded.format, decoded.original_size
+    def draft_side(self, policies: list[StagedPolicy]) -> int:
+        """The shorter side a large JPEG may be decoded down to (1/2-1/8 scale in the DCT)
+        for these policies' views: twice the largest resize they ask for; 0: full size."""
+        if not self.jpeg_draft:
+            return 0
+        specs = [p.joined for p in policies if not p.adaptive]
+        if any(p.adaptive for p in policies) and self.measured_auto is not None:
+            specs.append(self.measured_auto.joined)
+        return JPEG_DRAFT_MARGIN * max(
+            [self.cfg.resize_size, *(self.geometry.largest_resize(s) for s in specs)]
         )
+
+    def image(self, data: bytes, draft_side: int = 0) -> tuple[PreparedImage, float]:
+        """The decoded image (a large JPEG at no less than ``draft_side`` on its shorter
+        side), ready to be resized once per resolution; (image, decode s)."""
+        t0 = time.perf_counter()
+        decoded = decode_image(data, self.limits, draft_side)
+        image = prepare_image(
+            decoded.image, self.cfg, self.device, decoded.format, decoded.original_size,
+            self.uint8,
+        )  # fmt: skip
         return image, time.perf_counter() - t0
 
     def resolve(self, policy: StagedPolicy, image: PreparedImage) -> StagedPolicy:
@@ -185,7 +200,9 @@ class ImagePreparer:
         the count and the pixels (in views of the model's input size) of every stage
         together, checked per image, since ``auto`` and whole-image shapes are only known
         once the image's size is."""
-        image, decode_s = self.image(data)
+        if isinstance(policy, ViewSpec):
+            policy = StagedPolicy.single(policy)
+        image, decode_s = self.image(data, self.draft_side([policy]))
         t0 = time.perf_counter()
         views, used_seed, used = self.plan(image, policy, seed)
         ends = used.stage_ends
@@ -231,7 +248,7 @@ class ImagePipeline:
         self.max_views = max_views
         o = engine.options
         self.preparer = ImagePreparer(
-            engine.cfg, engine.device, o.limits, o.jpeg_draft, engine.model.stride
+            engine.cfg, engine.device, o.limits, o.jpeg_draft, engine.model.stride, o.uint8_views
         )
         self.temperatures = dict(engine.cfg.calibration)
 

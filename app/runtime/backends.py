@@ -18,6 +18,7 @@ import copy
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,46 +92,89 @@ def openvino_model(model: LoadedModel, cache_dir: Path) -> Any:
     return converted
 
 
+def with_pixel_input(ov_model: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """A copy of the network that takes uint8 pixels [N, H, W, 3] (the views as cut) and
+    normalises them in its own graph, where OpenVINO fuses it into the first convolution:
+    no float pass and no NHWC -> NCHW copy on the host."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(ov_model.clone())
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+    steps.mean([m * 255.0 for m in mean]).scale([s * 255.0 for s in std])
+    return ppp.build()
+
+
 class OpenVinoForward:
     """A compiled OpenVINO model with one infer request per calling thread, so the
-    engine's forward workers run in parallel (one stream each)."""
+    engine's forward workers run in parallel (one stream each). Two inputs: uint8 pixels
+    (served views) and float32 already normalised (probes, callers' tensors), each compiled
+    on first use."""
 
-    def __init__(self, ov_model: Any, dtype: str, workers: int, threads: int) -> None:
+    def __init__(
+        self,
+        ov_model: Any,
+        dtype: str,
+        workers: int,
+        threads: int,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> None:
         import openvino as ov
 
         if dtype not in OPENVINO_PRECISIONS:
             raise BackendUnavailableError(f"OpenVINO does not run {dtype} on a CPU here")
         self._core = ov.Core()
-        self._model = ov_model
+        self._models = {"normalised": ov_model}
+        self._pixel_model = lambda: with_pixel_input(ov_model, mean, std)
         self.precision = OPENVINO_PRECISIONS[dtype]
         self._local = threading.local()
-        self._teams: dict[tuple[int, int], Any] = {}
+        self._teams: dict[tuple[str, int, int], Any] = {}
+        self._compiling = threading.Lock()
         self.configure(workers, threads)
 
     def configure(self, workers: int, threads: int) -> None:
-        """Compiled once per team (workers x threads): tuning switches back and forth."""
-        team = (workers, threads)
-        if team not in self._teams:
-            # the precision is always explicit: OpenVINO defaults to bf16 on CPUs with it
-            config = {
-                "INFERENCE_PRECISION_HINT": self.precision,
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": max(1, workers * threads),
-                "NUM_STREAMS": max(1, workers),
-                # pinning binds the calling threads too, and a 2-thread torch team on one
-                # core then runs about 10x slower in the same process
-                "ENABLE_CPU_PINNING": False,
-            }
-            self._teams[team] = self._core.compile_model(self._model, "CPU", config)
-        self._compiled = self._teams[team]
-        self._generation = team
+        """Compiled on first use per input and team (workers x threads): tuning switches
+        teams back and forth."""
+        self._generation = (workers, threads)
+
+    def _compiled(self, kind: str) -> Any:
+        workers, threads = self._generation
+        team = (kind, workers, threads)
+        with self._compiling:
+            return self._teams.get(team) or self._compile(team)
+
+    def _compile(self, team: tuple[str, int, int]) -> Any:
+        kind, workers, threads = team
+        if kind not in self._models:
+            self._models[kind] = self._pixel_model()
+        # the precision is always explicit: OpenVINO defaults to bf16 on CPUs with it
+        config = {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": max(1, workers * threads),
+            "NUM_STREAMS": max(1, workers),
+            # pinning binds the calling threads too, and a 2-thread torch team on one
+            # core then runs about 10x slower in the same process
+            "ENABLE_CPU_PINNING": False,
+        }
+        self._teams[team] = self._core.compile_model(self._models[kind], "CPU", config)
+        return self._teams[team]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = "pixels" if x.dtype == torch.uint8 else "normalised"
         local = self._local
-        if getattr(local, "generation", None) != self._generation:
-            local.request = self._compiled.create_infer_request()
-            local.generation = self._generation
-        out = local.request.infer({0: x.float().contiguous().numpy()})
+        key = (kind, self._generation)
+        requests = local.__dict__.setdefault("requests", {})
+        if key not in requests:
+            requests[key] = self._compiled(kind).create_infer_request()
+        if kind == "pixels":  # views are cut NHWC: this permute is the memory as it is
+            data = x.permute(0, 2, 3, 1).contiguous().numpy()
+        else:
+            data = x.float().contiguous().numpy()
+        out = requests[key].infer({0: data})
         # outputs by index: OpenVINO names them after the traced graph's nodes
         return torch.from_numpy(out[0].copy()), torch.from_numpy(out[1].copy())
 
@@ -150,7 +194,8 @@ def build_backend(
         return None
     try:
         ov_model = openvino_model(model, cache_root(options.tune_cache_dir))
-        return OpenVinoForward(ov_model, plan.dtype, plan.workers, plan.threads)
+        cfg = model.cfg
+        return OpenVinoForward(ov_model, plan.dtype, plan.workers, plan.threads, cfg.mean, cfg.std)
     except Exception as exc:  # any conversion or compile failure: torch serves it
         log.warning("model %s runs on torch: %s failed: %s", name, plan.backend, exc)
         return None

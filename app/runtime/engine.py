@@ -24,7 +24,7 @@ from app.runtime.backends import OpenVinoForward, build_backend
 from app.runtime.bn_sets import nearest_resolution, with_bn_set
 from app.runtime.fusion import FusionReport, fuse_for_inference
 from app.runtime.plan import EngineOptions, ForwardPlan
-from app.tta.preprocess import ViewGroup
+from app.tta.preprocess import ViewGroup, normalise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,6 +110,9 @@ class Engine:
         }
         self.model = self.variants[model.cfg.input_size]
         self.device = model.device
+        # uint8 views (the served path) are normalised here, in the forward's thread
+        self._mean = torch.tensor(model.cfg.mean).mul(255.0).view(1, 3, 1, 1).to(self.device)
+        self._std = torch.tensor(model.cfg.std).mul(255.0).view(1, 3, 1, 1).to(self.device)
         self.plan = plan
         self.chunk_views = plan.chunk_views
         # torch.compile'd forward (opt-in): one static shape, so partial chunks are padded
@@ -133,7 +136,8 @@ class Engine:
     def warm_up(self) -> None:
         """One full chunk through the network, so the first request pays no set-up."""
         size = self.cfg.input_size
-        self.run_views(torch.zeros(self.chunk_views, 3, size, size))
+        pixels = torch.zeros(self.chunk_views, size, size, 3, dtype=torch.uint8)
+        self.run_views(pixels.permute(0, 3, 1, 2))  # as views arrive: uint8, channels_last
 
     # -- the forward pass -------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -163,7 +167,8 @@ class Engine:
 
     def run_views(self, batch: torch.Tensor) -> ViewOutputs:
         """Features and logits of a stack of views of one shape [N, 3, H, W], chunked for
-        the device."""
+        the device: uint8 pixels (normalised here, or in the backend's graph) or float32
+        already normalised."""
         feats, logits = [], []
         compiled = self._compiled
         # dynamo does not trace under inference_mode; no_grad is its equivalent there
@@ -178,6 +183,8 @@ class Engine:
                 if self._backend is not None:
                     f, out = self._backend(x)
                 else:
+                    if x.dtype == torch.uint8:
+                        x = normalise(x, self._mean, self._std)
                     x = x.contiguous(memory_format=torch.channels_last)
                     f, out = (compiled or self._forward)(x)
                 feats.append(f[:n].float())

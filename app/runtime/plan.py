@@ -90,7 +90,16 @@ class EngineOptions(BaseModel):
     fuse: bool = Field(
         default=True, description="inference rewrites (app/runtime/fusion.py), checked"
     )
-    jpeg_draft: bool = Field(default=False, description="decode large JPEGs at reduced scale")
+    jpeg_draft: bool = Field(
+        default=True,
+        description="decode large JPEGs at 1/2-1/8 scale, keeping at least twice the "
+        "largest resize the request's views ask for",
+    )
+    uint8_views: bool = Field(
+        default=True,
+        description="resize only the boxes views cover, cut them as uint8 and normalise in "
+        "the forward; false: the older path (whole image, float32 on the host)",
+    )
     warmup: bool = True
     max_pixels: int = Field(default=DecodeLimits.max_pixels, ge=1)
     max_aspect_ratio: float = Field(default=DecodeLimits.max_aspect_ratio, gt=0)

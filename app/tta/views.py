@@ -58,6 +58,18 @@ class ViewGeometry:
     resize_size: int
     stride: int = DEFAULT_STRIDE
 
+    def shorter_side(self, token: str) -> int:
+        """The shorter side of the resized image a view kind is taken from."""
+        kind, size = split_kind(token)
+        if kind in ("full", "mfull"):
+            return size or self.resize_size
+        return resize_for(size, self.crop_pct) if size else self.resize_size
+
+    def largest_resize(self, spec: ViewSpec) -> int:
+        """The largest shorter side any of ``spec``'s views is resized to (``auto``: the
+        model's resize, the scale its crop mixes are cut at)."""
+        return max([self.resize_size, *(self.shorter_side(t) for t, _ in spec.parts)])
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -252,12 +264,12 @@ def plan_image_views(
     views: list[View] = []
     for token, count in spec.parts:
         kind, size = split_kind(token)
+        shorter = geometry.shorter_side(token)
         if kind in ("full", "mfull"):
-            w, h = full_shape(width, height, size or geometry.resize_size, geometry.stride)
+            w, h = full_shape(width, height, shorter, geometry.stride)
             views.append(View(token, 0, 0, w, h, kind == "mfull", (w, h)))
             continue
         crop = size or geometry.input_size
-        shorter = resize_for(crop, geometry.crop_pct) if size else geometry.resize_size
         w, h = resized_shape(width, height, shorter)
         views.extend(_plan_crops([(token, count)], w, h, crop, rng))
     return views

@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.errors import ImageTooLargeError, InvalidImageError
@@ -164,7 +165,8 @@ def test_reduced_scale_decode_keeps_view_boxes_and_prediction(tiny_repo) -> None
     from app.repository import ModelRepository
 
     model = ModelRepository(tiny_repo).load("tiny", "cpu")  # resize size 80: drafts at >= 160
-    whole, draft = Engine(model, FLOAT32), Engine(model, FLOAT32.with_changes(jpeg_draft=True))
+    whole = Engine(model, FLOAT32.with_changes(jpeg_draft=False))
+    draft = Engine(model, FLOAT32)  # the default
     data = _encode(Image.fromarray(_smooth(1200, 800)), "JPEG", quality=95)
     spec = parse_view_spec("fixed:5,mfixed:5")
     a, b = classify(whole, data, spec, seed=1), classify(draft, data, spec, seed=1)
@@ -196,3 +198,50 @@ def test_preprocessing_takes_plain_values_not_a_model_config() -> None:
     tree = ast.parse(Path(preprocess.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not {m for m in imported if m and m.startswith(("app.model_config", "app.runtime"))}
+
+
+def test_draft_decode_keeps_twice_the_largest_resize_the_policy_asks_for(tiny_repo) -> None:
+    from app.repository import ModelRepository
+    from app.tta.stages import parse_policy
+
+    model = ModelRepository(tiny_repo).load("tiny", "cpu")  # input 64, resize 80
+    prep = preparer(Engine(model, FLOAT32))
+    data = _encode(Image.fromarray(_smooth(1200, 800)), "JPEG", quality=95)
+    assert prep.draft_side([parse_policy("center")]) == 160
+    assert prep.draft_side([parse_policy("center|margin<0.5|full@300")]) == 600
+    # shorter side 800 >= 2 x 160: a quarter-scale decode (200); 600 leaves it whole
+    image, _ = prep.image(data, prep.draft_side([parse_policy("center")]))
+    assert image.decoded_size == (300, 200)
+    image, _ = prep.image(data, prep.draft_side([parse_policy("full@300")]))
+    assert image.decoded_size == (1200, 800)
+    off = preparer(Engine(model, FLOAT32.with_changes(jpeg_draft=False)))
+    assert off.draft_side([parse_policy("center")]) == 0
+
+
+@pytest.mark.parametrize("size", [(1200, 800), (90, 300), (40, 30)])
+def test_uint8_views_from_resized_boxes_match_the_whole_image_path(tiny_repo, size) -> None:
+    """The served path (resize only the views' boxes, uint8, normalised in the forward)
+    gives the older path's inputs: equal where the image is shrunk, within rounding of one
+    level where it is enlarged (it is then resized whole, as before)."""
+    from app.repository import ModelRepository
+
+    model = ModelRepository(tiny_repo).load("tiny", "cpu")
+    data = _encode(Image.fromarray(_smooth(*size)), "PNG")
+    spec = parse_view_spec("center,fixed:5,mfixed:5,full@96,mfull@96")
+    new = Engine(model, FLOAT32)
+    old = Engine(model, FLOAT32.with_changes(uint8_views=False))
+    a, b = preparer(new).views(data, spec, 3), preparer(old).views(data, spec, 3)
+    for ga, gb in zip(a.groups, b.groups, strict=True):
+        assert ga.batch.dtype == torch.uint8 and gb.batch.dtype == torch.float32
+        assert ga.batch.is_contiguous(memory_format=torch.channels_last)
+        mean = torch.tensor(model.cfg.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(model.cfg.std).view(1, 3, 1, 1) * 255
+        pixels_old = gb.batch * std + mean
+        assert float((ga.batch.float() - pixels_old).abs().max()) <= 1.0 + 1e-3
+    pa, pb = classify(new, data, spec, seed=3), classify(old, data, spec, seed=3)
+    assert pa.top[0].index == pb.top[0].index
+    torch.testing.assert_close(pa.probs, pb.probs, atol=2e-3, rtol=0)
+    if size == (1200, 800):  # shrunk: a center crop alone resizes only its own box
+        center = preparer(new).views(data, parse_view_spec("center"), 3)
+        (region,) = center.image.scaled.values()
+        assert tuple(region.pixels.shape) == (64, 64, 3)

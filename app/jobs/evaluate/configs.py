@@ -76,6 +76,11 @@ class EvalConfig:
         what = self.stages or (AUTO if self.spec is None else self.spec)
         return f"{what}@{self.level}"
 
+    @property
+    def asked(self) -> StagedPolicy:
+        """What the config asks for before any image is seen (``auto`` unresolved)."""
+        return self.stages or StagedPolicy.single(self.spec or AUTO_SPEC)
+
     def policy_for(
         self, width: int, height: int, crop: int, measured: StagedPolicy | None = None
     ) -> StagedPolicy:

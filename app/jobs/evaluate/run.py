@@ -60,10 +60,11 @@ class PoolPlanner:
 
     def __init__(self, preparer: ImagePreparer, configs: list[EvalConfig], seed: int) -> None:
         self.preparer, self.configs, self.seed = preparer, configs, seed
+        self.draft_side = preparer.draft_side([c.asked for c in configs])
 
     def __call__(self, name: str, target: int, data: bytes) -> PlannedImage:
         prep = self.preparer
-        image, _ = prep.image(data)
+        image, _ = prep.image(data, self.draft_side)
         w, h = image.resized_size
         crop, measured = prep.cfg.input_size, prep.measured_auto
         policies = {c.name: c.policy_for(w, h, crop, measured) for c in self.configs}
@@ -287,7 +288,9 @@ def score_images(
     engine = scorer.engine
     o = engine.options
     cpu = torch.device("cpu")  # workers decode on the CPU; the engine moves the tensors
-    preparer = ImagePreparer(engine.cfg, cpu, o.limits, o.jpeg_draft, engine.model.stride)
+    preparer = ImagePreparer(
+        engine.cfg, cpu, o.limits, o.jpeg_draft, engine.model.stride, o.uint8_views
+    )
     dataset = DecodedImages(work, PoolPlanner(preparer, scorer.configs, opts.seed))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=opts.workers, collate_fn=lambda x: x

@@ -72,11 +72,13 @@ class FixResTransform:
             img = img.crop((left, top, left + bw, top + bh))
             img = _jitter(img, TRAIN_JITTER, rng)
             img = img.resize((size, size), RESAMPLE[self.cfg.interpolation])
-            tensor = prepare_image(img, self.cfg.with_changes(crop_pct=1.0), self.cpu).chw
+            tensor = prepare_image(
+                img, self.cfg.with_changes(crop_pct=1.0), self.cpu, uint8=False
+            ).chw
             return (tensor.flip(-1) if rng.random() < 0.5 else tensor).contiguous()
         if self.augment == "test2":
             img = _jitter(img, DA2_JITTER, rng)
-        image = prepare_image(img, self.cfg, self.cpu)
+        image = prepare_image(img, self.cfg, self.cpu, uint8=False)  # float32 for training
         w, h = image.resized_size
         view = plan_views(parse_view_spec("center"), w, h, size, 0)[0]
         if self.augment == "test2":
