@@ -20,6 +20,7 @@ from app.errors import MidserveError
 from app.jobs.evaluate import cli as evaluate_cli
 from app.jobs.finetune import cli as finetune_cli
 from app.jobs.import_fixres import cli as import_fixres_cli
+from app.jobs.quantize import cli as quantize_cli
 
 if TYPE_CHECKING:
     from app.tta.views import ViewSpec
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cli.register(sub)
     finetune_cli.register(sub)
     import_fixres_cli.register(sub)
+    quantize_cli.register(sub)
     bench_cli.register(sub)
     return parser
 

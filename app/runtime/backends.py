@@ -27,12 +27,22 @@ from torch import nn
 
 from app.errors import BackendUnavailableError
 from app.repository import LoadedModel, pooled_features
+from app.runtime.int8 import load_int8
+from app.runtime.machine import cpu_has_native_bf16
 from app.runtime.plan import EngineOptions, ForwardPlan
 from app.runtime.tuning.cache import cache_key, cache_root, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-OPENVINO_PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+OPENVINO_PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "int8": "int8"}
+
+
+def inference_precision(dtype: str) -> str:
+    """OpenVINO's precision hint: an int8 network's remaining float ops run in bf16 where
+    the CPU has it (measured: about 1.2x f32 for them), else f32."""
+    if dtype != "int8":
+        return OPENVINO_PRECISIONS[dtype]
+    return "bf16" if cpu_has_native_bf16() else "f32"
 
 
 def backend_missing(name: str) -> str | None:
@@ -129,7 +139,7 @@ class OpenVinoForward:
         self._core = ov.Core()
         self._models = {"normalised": ov_model}
         self._pixel_model = lambda: with_pixel_input(ov_model, mean, std)
-        self.precision = OPENVINO_PRECISIONS[dtype]
+        self.precision = inference_precision(dtype)
         self._local = threading.local()
         self._teams: dict[tuple[str, int, int], Any] = {}
         self._compiling = threading.Lock()
@@ -192,6 +202,10 @@ def build_backend(
     if why is not None:
         log.info("model %s runs on torch, not %s: %s", name, plan.backend, why)
         return None
+    if plan.dtype == "int8":  # a quantized network or nothing: no silent float fallback
+        cfg = model.cfg
+        quantized = load_int8(model).ov_model()
+        return OpenVinoForward(quantized, "int8", plan.workers, plan.threads, cfg.mean, cfg.std)
     try:
         ov_model = openvino_model(model, cache_root(options.tune_cache_dir))
         cfg = model.cfg

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from app.errors import InvalidRequestError
+from app.errors import BackendUnavailableError, InvalidRequestError
 from app.model_config import ModelConfig
 from app.repository import LoadedModel
 from app.runtime.backends import OpenVinoForward, build_backend
@@ -26,7 +26,14 @@ from app.runtime.fusion import FusionReport, fuse_for_inference
 from app.runtime.plan import EngineOptions, ForwardPlan
 from app.tta.preprocess import ViewGroup, normalise
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# int8: the quantized network runs in OpenVINO (app/runtime/int8.py); what stays in torch
+# (the head on averaged features) runs in float32
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.float32,
+}
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -100,6 +107,11 @@ class Engine:
             self._backend = build_backend(model, plan, len(networks) > 1, options)
             if self._backend is None:
                 plan = dataclasses.replace(plan, backend="torch")
+        if dtype == "int8" and self._backend is None:
+            raise BackendUnavailableError(
+                "int8 runs on the openvino backend only, from a model quantized by "
+                "midserve quantize"
+            )
         if options.fuse and self._backend is None:
             for size, network in networks.items():
                 networks[size], report = fuse_for_inference(network, size, self.dtype)

@@ -48,3 +48,8 @@ def cpu_flags() -> frozenset[str]:
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: bfloat16 convolutions run natively (oneDNN), not emulated."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_has_int8() -> bool:
+    """VNNI (AVX-512 or AVX) or AMX: int8 matrix products run natively, not emulated."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.runtime.machine import cores, cpu_has_native_bf16
 from app.tta.limits import DecodeLimits
 
-DtypeName = Literal["float32", "bfloat16", "float16"]
-DTYPE_NAMES: tuple[DtypeName, ...] = ("float32", "bfloat16", "float16")
+DtypeName = Literal["float32", "bfloat16", "float16", "int8"]
+DTYPE_NAMES: tuple[DtypeName, ...] = ("float32", "bfloat16", "float16", "int8")
 BackendName = Literal["torch", "openvino"]
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d{1,2})?)$")
 UNSET_SPELLINGS = ("auto", "0", "", 0)
@@ -67,7 +67,8 @@ class EngineOptions(BaseModel):
     )
     dtype: DtypeName | None = Field(
         default=None,
-        description="unset: bfloat16 on CPUs with native bf16, else float32 (or tuned)",
+        description="unset: tuned (int8 where the CPU has VNNI/AMX and the entry has a "
+        "quantized model that agrees); untuned: bfloat16 on CPUs with native bf16, else float32",
     )
     backend: BackendName | None = Field(
         default=None,
@@ -149,7 +150,7 @@ class EngineOptions(BaseModel):
         A lone request still uses both cores: the batcher gives each idle worker an even
         share of a short queue. GPUs: one forward, large chunks. Set knobs are kept."""
         dtype = self.default_dtype(device_type)
-        backend = self.backend or "torch"
+        backend = self.backend or ("openvino" if dtype == "int8" else "torch")
         compiled = bool(self.compile)
         if device_type != "cpu":
             workers, chunk = self.forward_workers or 1, self.chunk_views or GPU_CHUNK_VIEWS

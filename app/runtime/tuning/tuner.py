@@ -30,9 +30,17 @@ import torch
 from app.repository import LoadedModel
 from app.runtime.backends import backend_missing
 from app.runtime.engine import Engine
+from app.runtime.int8 import int8_missing, load_int8, read_int8_meta
 from app.runtime.machine import cores, cpu_has_native_bf16
 from app.runtime.plan import EngineOptions, ForwardPlan
-from app.runtime.tuning.agreement import PROBES, agreement, probe_batch, reference_outputs
+from app.runtime.tuning.agreement import (
+    PROBES,
+    agreement,
+    normalised,
+    probe_batch,
+    real_view_agreement,
+    reference_outputs,
+)
 from app.runtime.tuning.cache import (
     cache_key,
     cache_root,
@@ -56,12 +64,18 @@ EngineFactory = Callable[[ForwardPlan], Engine]
 
 
 def numeric_paths(
-    options: EngineOptions, device: torch.device, default: ForwardPlan, budget_s: float
+    options: EngineOptions,
+    device: torch.device,
+    default: ForwardPlan,
+    budget_s: float,
+    int8: bool = False,
 ) -> list[tuple[str, str, bool]]:
-    """(backend, dtype, compile) candidates, the default's first; forced ones only."""
+    """(backend, dtype, compile) candidates, the default's first; forced ones only.
+    ``int8``: the model has a quantized network this CPU runs natively (OpenVINO only)."""
     fixed = options.fixed()
     if device.type == "cpu":
         dtypes = ["float32"] + (["bfloat16"] if cpu_has_native_bf16() else [])
+        dtypes += ["int8"] if int8 else []
         backends = ["torch", "openvino"]
     else:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -74,6 +88,8 @@ def numeric_paths(
     paths = [(default.backend, default.dtype, default.compile)]
     for backend in backends:
         for dtype in dtypes:
+            if dtype == "int8" and backend != "openvino":
+                continue
             for compiled in compiles if backend == "torch" else [False]:
                 if (backend, dtype, compiled) not in paths:
                     paths.append((backend, dtype, compiled))
@@ -170,11 +186,21 @@ class Tuner:
                 trial.status = f"skipped: {backend} could not run this model (see log)"
                 continue
             engine.apply(dataclasses.replace(plan, chunk_views=PROBES))
-            trial.max_prob_diff, trial.top1_agreement, ok = agreement(
-                reference, engine.run_views(probes)
-            )
+            if dtype == "int8":  # on real held-out views: synthetic probes are outside the
+                # ranges int8 was calibrated for, and its rounding shows on photos, not there
+                views = load_int8(self.model).check_views()
+                real = reference_outputs(self.model, normalised(self.model, views))
+                trial.max_prob_diff, trial.top1_agreement, ok = real_view_agreement(
+                    real, engine.run_views(views)
+                )
+                verdict = "rejected: disagrees with float32 on real views"
+            else:
+                trial.max_prob_diff, trial.top1_agreement, ok = agreement(
+                    reference, engine.run_views(probes)
+                )
+                verdict = "rejected: disagrees with float32"
             if not ok:
-                trial.status = "rejected: disagrees with float32"
+                trial.status = verdict
                 continue
             self.engines[(backend, dtype, compiled)] = engine
 
@@ -195,7 +221,8 @@ class Tuner:
 
     def run(self, budget_s: float) -> ForwardPlan:
         device = self.model.device
-        self.check_paths(numeric_paths(self.options, device, self.default, budget_s))
+        int8 = int8_missing(self.model) is None
+        self.check_paths(numeric_paths(self.options, device, self.default, budget_s, int8))
         if not self.engines:
             return self.fallback()
         start = time.perf_counter()
@@ -248,8 +275,10 @@ class Tuner:
 def tuning_key(model: LoadedModel, options: EngineOptions, budget_s: float) -> str:
     device = model.device
     default = options.forward_plan(device.type)
+    int8 = int8_missing(model) is None
     space = {
-        "paths": numeric_paths(options, device, default, budget_s),
+        "paths": numeric_paths(options, device, default, budget_s, int8),
+        "int8": read_int8_meta(model) if int8 else None,  # a new quantization re-tunes
         "shapes": shapes(options, device),
         "default": dataclasses.asdict(default),
         "openvino": backend_missing("openvino") is None,
