@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tune", action="store_true", help="skip the tuned engine")
     p.add_argument("--tune-seconds", type=float, default=5.0, help="tuning budget")
     p.add_argument("--tune-cache-dir", type=Path, default=None, help="default: the server's")
+    p.add_argument("--ceiling", action="store_true", help="only the ceiling run: the served "
+                   "plan's raw forward, HTTP as a share of it, three upload sizes, against the "
+                   "older per-image path (app/bench/ceiling.py)")  # fmt: skip
     p.add_argument(
         "--http-matrix",
         action="store_true",

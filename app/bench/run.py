@@ -253,6 +253,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if not images:
         raise SystemExit(f"no images in {args.data!r}: pass --data with real photos")
     d = args.duration
+    if args.ceiling:
+        from app.bench.ceiling import ceiling_phase
+
+        ceiling: dict[str, Any] = {"model": args.model, "device": str(device)}
+        env = {"MIDSERVE_DEVICE": str(device)}
+        ceiling_phase(settings.models_dir, args.model, images, d, env, ceiling)
+        print_table(ceiling)
+        return ceiling
     out: dict[str, Any] = {"model": args.model, "device": str(device), "dtype": options.dtype,
                            "views": spec.total, "spec": str(spec), "level": args.level,
                            "threads": torch.get_num_threads()}  # fmt: skip

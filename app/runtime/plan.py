@@ -101,6 +101,9 @@ class EngineOptions(BaseModel):
         description="resize only the boxes views cover, cut them as uint8 and normalise in "
         "the forward; false: the older path (whole image, float32 on the host)",
     )
+    int8: bool = Field(
+        default=True, description="offer the entry's int8 network (midserve quantize) to the tuner"
+    )
     warmup: bool = True
     max_pixels: int = Field(default=DecodeLimits.max_pixels, ge=1)
     max_aspect_ratio: float = Field(default=DecodeLimits.max_aspect_ratio, gt=0)

@@ -221,7 +221,7 @@ class Tuner:
 
     def run(self, budget_s: float) -> ForwardPlan:
         device = self.model.device
-        int8 = int8_missing(self.model) is None
+        int8 = self.options.int8 and int8_missing(self.model) is None
         self.check_paths(numeric_paths(self.options, device, self.default, budget_s, int8))
         if not self.engines:
             return self.fallback()
@@ -275,7 +275,7 @@ class Tuner:
 def tuning_key(model: LoadedModel, options: EngineOptions, budget_s: float) -> str:
     device = model.device
     default = options.forward_plan(device.type)
-    int8 = int8_missing(model) is None
+    int8 = options.int8 and int8_missing(model) is None
     space = {
         "paths": numeric_paths(options, device, default, budget_s, int8),
         "int8": read_int8_meta(model) if int8 else None,  # a new quantization re-tunes
