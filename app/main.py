@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestCountMiddleware
 from app.api.routes import probes, router
+from app.api.v2.routes import router as v2_router
 from app.api.web import install_web
 from app.config import Settings, get_settings
 from app.metrics import Metrics
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(probes)
+    app.include_router(v2_router)
     app.add_middleware(RequestCountMiddleware, metrics=metrics)
     app.add_middleware(
         BodyLimitMiddleware,
