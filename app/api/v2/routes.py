@@ -6,7 +6,6 @@ Errors leave as ``{"error": "message"}`` with the status the protocol's clients 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -14,53 +13,28 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from app.api.errors import classify_error
-from app.api.routes import ServiceDep, SettingsDep, require_token, require_token_unless_open
-from app.api.v2.infer import (
-    EXTRAS,
-    PROBABILITIES,
-    classification_counts,
-    classify_params,
-    image_elements,
-    metadata_tensors,
-    output_tensors,
-    requested_outputs,
+from app.api.errors import retry_after
+from app.api.routes import ServiceDep, require_token, require_token_unless_open
+from app.api.v2 import handlers
+from app.api.v2.handlers import (
+    EXTENSIONS,
+    MODEL_VERSION,
+    SERVER_NAME,
+    SERVER_VERSION,
+    v2_status,
 )
+from app.api.v2.infer import EXTRAS, PROBABILITIES
 from app.api.v2.tensors import (
     HEADER_LENGTH,
     InferRequestBody,
     encode_infer_response,
     parse_infer_request,
 )
-from app.errors import (
-    LimitExceededError,
-    MidserveError,
-    ModelNotReadyError,
-    OverloadedError,
-    UnknownModelError,
-)
-from app.pipeline import Prediction
-from app.service import ClassifyService, ModelSlot
-
-SERVER_NAME = "midserve"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "classification"]
-MODEL_VERSION = "1"  # a model folder is one version
-PLATFORM = "midserve_tta"
-
-# bad input is 400 in this protocol (422 on /v1); the other kinds keep /v1's status
-V2_STATUS = {"invalid_request": 400, "invalid_image": 400, "unsupported_media_type": 400}
+from app.errors import MidserveError
 
 
 def v2_error_response(exc: MidserveError) -> JSONResponse:
-    status, kind = classify_error(exc)
-    status = 413 if isinstance(exc, LimitExceededError) else V2_STATUS.get(kind, status)
-    headers = {}
-    if isinstance(exc, OverloadedError):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    elif isinstance(exc, ModelNotReadyError):
-        headers["Retry-After"] = "5"
-    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+    return JSONResponse({"error": str(exc)}, status_code=v2_status(exc), headers=retry_after(exc))
 
 
 class V2Route(APIRoute):
@@ -84,13 +58,6 @@ Token = [Depends(require_token)]
 OpenProbe = [Depends(require_token_unless_open)]
 
 
-def _slot(service: ClassifyService, model: str, version: str | None) -> ModelSlot:
-    slot = service.slot(model)
-    if version is not None and version != MODEL_VERSION:
-        raise UnknownModelError(f"{model} version {version}", [f"{model} version 1"])
-    return slot
-
-
 @router.get("", dependencies=Token)
 async def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
@@ -111,7 +78,7 @@ async def ready(service: ServiceDep) -> Response:
 @router.get("/models/{model}/ready", dependencies=OpenProbe)
 @router.get("/models/{model}/versions/{version}/ready", dependencies=OpenProbe)
 async def model_ready(service: ServiceDep, model: str, version: str | None = None) -> Response:
-    _slot(service, model, version).ready()  # not ready: 503 with the reason
+    handlers.model_slot(service, model, version).ready()  # not ready: 503 with the reason
     return JSONResponse({"name": model, "ready": True})
 
 
@@ -120,66 +87,28 @@ async def model_ready(service: ServiceDep, model: str, version: str | None = Non
 async def model_metadata(
     service: ServiceDep, model: str, version: str | None = None
 ) -> dict[str, Any]:
-    slot = _slot(service, model, version)
-    cfg = service.repository.config(slot.name) if slot.engine is None else slot.engine.cfg
-    inputs, outputs = metadata_tensors(cfg.num_classes)
-    return {
-        "name": slot.name,
-        "versions": [MODEL_VERSION],
-        "platform": PLATFORM,
-        "inputs": inputs,
-        "outputs": outputs,
-    }
+    return handlers.model_metadata(service, model, version)
 
 
 @router.post("/models/{model}/infer", dependencies=Token)
 @router.post("/models/{model}/versions/{version}/infer", dependencies=Token)
 async def infer(
-    request: Request,
-    service: ServiceDep,
-    settings: SettingsDep,
-    model: str,
-    version: str | None = None,
+    request: Request, service: ServiceDep, model: str, version: str | None = None
 ) -> Response:
-    started = time.perf_counter()
-    slot = _slot(service, model, version)
-    pipeline, _ = slot.ready()
-    engine = pipeline.engine
-    with service.observed(model) as record:
-        try:
-            body = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
-            wanted = requested_outputs(body)
-            counts = classification_counts(body)
-            images = image_elements(body, settings)
-            params = classify_params(
-                body, engine.cfg, engine.model.labels, settings, len(images),
-                max(counts.values(), default=0),
-            )  # fmt: skip
-            record.level = params.request.level
-            outcomes = await service.classify(
-                slot, images, params.request, params.labels, started + settings.request_timeout_s
-            )
-            preds: list[Prediction] = []
-            for outcome in outcomes:
-                if isinstance(outcome, MidserveError):  # a tensor has no holes: the request fails
-                    raise outcome
-                preds.append(outcome)
-            binary = _binary_outputs(body, wanted)
-            head: dict[str, Any] = {"model_name": slot.name, "model_version": MODEL_VERSION}
-            if body.id is not None:
-                head["id"] = body.id
-            content, header_length = encode_infer_response(
-                head, output_tensors(preds, wanted, counts), binary
-            )
-            binary_head = header_length is not None
-            headers = {"Inference-Header-Content-Length": str(header_length)} if binary_head else {}
-            ctype = "application/octet-stream" if binary_head else "application/json"
-            response = Response(content, media_type=ctype, headers=headers)
-        except MidserveError as exc:
-            response = v2_error_response(exc)
-            record.error = exc
-        record.status = response.status_code
-    return response
+    raw = await request.body()
+    length = request.headers.get(HEADER_LENGTH)
+    body, outputs = await handlers.infer(
+        service, model, version, lambda: parse_infer_request(raw, length), v2_status
+    )
+    head: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+    if body.id is not None:
+        head["id"] = body.id
+    binary = _binary_outputs(body, [o.name for o in outputs])
+    content, header_length = encode_infer_response(head, outputs, binary)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    headers = {"Inference-Header-Content-Length": str(header_length)}
+    return Response(content, media_type="application/octet-stream", headers=headers)
 
 
 def _binary_outputs(body: InferRequestBody, wanted: list[str]) -> set[str]:

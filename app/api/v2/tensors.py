@@ -171,6 +171,13 @@ class OutputTensor:
     values: np.ndarray | list[bytes]  # numbers, or BYTES elements
 
 
+def raw_bytes(out: OutputTensor) -> bytes:
+    """An output's binary form: little-endian numbers, or length-prefixed BYTES elements."""
+    if isinstance(out.values, np.ndarray):
+        return out.values.astype(NUMPY_TYPES[out.datatype]).tobytes()
+    return join_bytes_elements(out.values)
+
+
 def encode_infer_response(
     head: dict[str, Any], outputs: list[OutputTensor], binary: set[str]
 ) -> tuple[bytes, int | None]:
@@ -179,10 +186,7 @@ def encode_infer_response(
     for out in outputs:
         tensor: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         if out.name in binary:
-            if isinstance(out.values, np.ndarray):
-                raw = out.values.astype(NUMPY_TYPES[out.datatype]).tobytes()
-            else:
-                raw = join_bytes_elements(out.values)
+            raw = raw_bytes(out)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif isinstance(out.values, np.ndarray):
