@@ -94,3 +94,31 @@ def test_class_count(client: httpclient.InferenceServerClient, base: str) -> Non
     assert [int(p[1]) for p in parsed] == [t["index"] for t in top]
     assert [p[2] for p in parsed] == [t["label"] for t in top]
     assert float(parsed[0][0]) == pytest.approx(top[0]["prob"], abs=1e-4)
+
+
+def test_kserve_rest_client(request: pytest.FixtureRequest) -> None:
+    """KServe's own client, when its package fits this environment."""
+    kserve = pytest.importorskip(
+        "kserve",
+        reason="kserve is not installed: its dependencies would downgrade psutil and "
+        "python-dateutil here (pip install --dry-run kserve shows it)",
+    )
+    base = request.getfixturevalue("base")
+    import asyncio
+
+    async def call() -> object:
+        client = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2"))
+        data = _jpegs(1)[0]
+        request = kserve.InferRequest(
+            model_name="tiny",
+            infer_inputs=[kserve.InferInput("image", [1], "BYTES", data=[data])],
+            parameters={"views": VIEWS, "seed": SEED},
+        )
+        try:
+            return await client.infer(base, request, model_name="tiny")
+        finally:
+            await client.close()
+
+    response = asyncio.run(call())
+    probs = response.outputs[0].as_numpy()  # type: ignore[attr-defined]
+    assert probs.shape == (1, 10)
