@@ -47,6 +47,10 @@ class Settings(BaseSettings, EngineOptions):
     body_read_timeout_s: float = 15.0  # per body chunk; ends slow-loris uploads
     body_min_rate_bytes_s: float = 50_000.0  # whole body: read_timeout + 1 s per this many bytes
 
+    # the Open Inference Protocol over gRPC, on its own port (0: off); needs tritonclient[grpc]
+    grpc_port: int = Field(default=0, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+
     # security
     auth_tokens: list[str] = []
     auth_tokens_file: Path | None = None

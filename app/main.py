@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestCountMiddleware
 from app.api.routes import probes, router
+from app.api.v2.routes import router as v2_router
 from app.api.web import install_web
 from app.config import Settings, get_settings
 from app.metrics import Metrics
@@ -44,10 +45,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     service = ClassifyService(settings, metrics)
 
+    tokens = _load_tokens(settings)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        grpc_server = None
+        if settings.grpc_port:  # imported only when asked for: grpcio is an optional extra
+            from app.api.v2.grpc_server import start_grpc
+
+            grpc_server = await start_grpc(service, tokens, settings.grpc_host, settings.grpc_port)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=settings.request_timeout_s)
         await service.stop()
 
     app = FastAPI(
@@ -61,10 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
-    app.state.tokens = _load_tokens(settings)
+    app.state.tokens = tokens
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(probes)
+    app.include_router(v2_router)
     app.add_middleware(RequestCountMiddleware, metrics=metrics)
     app.add_middleware(
         BodyLimitMiddleware,

@@ -69,14 +69,19 @@ def error_body(kind: str, message: str, **extra: object) -> dict[str, object]:
     return {"error": {"type": kind, "message": message, **extra}}
 
 
+def retry_after(exc: MidserveError) -> dict[str, str]:
+    """The Retry-After header of an error worth retrying (overload, a model still loading)."""
+    if isinstance(exc, OverloadedError):
+        return {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+    if isinstance(exc, ModelNotReadyError):
+        return {"Retry-After": "5"}
+    return {}
+
+
 def error_response(exc: MidserveError) -> JSONResponse:
     status, kind = classify_error(exc)
-    headers: dict[str, str] = {}
-    if isinstance(exc, OverloadedError):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    elif isinstance(exc, ModelNotReadyError):
-        headers["Retry-After"] = "5"
-    elif isinstance(exc, UnauthorizedError):
+    headers = retry_after(exc)
+    if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, BodyTimeoutError | BodyTooLargeError):
         # The rest of the body was never read: close, or a dribbling client keeps the socket.

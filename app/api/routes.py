@@ -59,10 +59,15 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 
 def require_token(request: Request) -> None:
     """Bearer-token check when tokens are configured; constant time over every token."""
-    tokens: list[str] = request.app.state.tokens
+    check_bearer(request.app.state.tokens, request.headers.get("authorization", ""))
+
+
+def check_bearer(tokens: list[str], authorization: str) -> None:
+    """``authorization`` (``Bearer <token>``) against the tokens; none configured: open.
+    Shared by REST (the header) and gRPC (the metadata)."""
     if not tokens:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = authorization.partition(" ")
     ok = False
     for token in tokens:
         ok |= hmac.compare_digest(given.strip().encode(), token.encode())

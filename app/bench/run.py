@@ -82,6 +82,7 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
     levels = [1, 8] if args.http_matrix else [8]
     servers: dict[str, str] = {}
     rounds: dict[str, list[HttpRound]] = {f"http_{m}_c{c}": [] for m in modes for c in levels}
+    rounds["http_v2_batched_c8"] = []  # the Open Inference Protocol on the batched server
     engine_rounds: list[float] = []
     with contextlib.ExitStack() as stack:
         for mode in modes:
@@ -102,6 +103,9 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
                     rounds[f"http_{mode}_c{c}"].append(
                         http_load(servers[mode], args.model, images, params, c, d / ROUNDS, warm)
                     )
+            rounds["http_v2_batched_c8"].append(http_load(
+                servers["batched"], args.model, images, params, 8, d / ROUNDS, warm, "v2"
+            ))  # fmt: skip
             for key, views in GATED_POLICIES.items():  # one image a request: images/s
                 for c in (1, 8):
                     policy_rounds[f"{key}_c{c}"].append(http_load(
@@ -119,6 +123,10 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
     )
     for key, value in rounds.items():
         out[key] = {k: round(v, 2) for k, v in summarize_rounds(value).items()}
+    v1, v2 = out["http_batched_c8"], out["http_v2_batched_c8"]  # one image a request
+    out["v2_vs_v1_images_per_s_c8"] = round(
+        v2["requests_per_s"] / max(v1["requests_per_s"], 1e-9), 3
+    )
     out["engine_views_per_s_beside_http"] = statistics.median(engine_rounds)
     c8 = out["http_batched_c8"]
     out["http_views_per_s_c8"] = c8["views_per_s"]

@@ -22,6 +22,8 @@ FIELDS = {
     "http_p50_ms_c8",
     "http_p99_ms_c8",
     "http_overhead",
+    "http_v2_batched_c8",
+    "v2_vs_v1_images_per_s_c8",
     "gemm_gflops_bfloat16",
     "raw_forward_by_backend",
     "tuned_plan",
@@ -65,6 +67,7 @@ def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
     assert result["tuning_source"] == "tuned" and result["raw_forward_by_backend"]["torch_float32"]
     assert result["model_gflops_per_view"] > 0 and result["bound_views_per_s"] > 0
     assert result["views"] == 4 and result["http_batched_c8"]["errors"] == 0
+    assert result["http_v2_batched_c8"]["errors"] == 0 and result["v2_vs_v1_images_per_s_c8"] > 0
     assert (
         abs(result["efficiency"] * result["bound_views_per_s"] - result["engine_views_per_s"])
         < 1e-2 * result["engine_views_per_s"] + 1e-3
