@@ -55,6 +55,11 @@ STATUS = {
     "overloaded": 503,
     "model_not_ready": 503,
     "deadline_exceeded": 504,
+    "forward_failed": 500,
+    "forward_stalled": 503,
+    "out_of_memory": 503,
+    "forward_worker_died": 503,
+    "decode_budget": 503,
 }
 
 
@@ -76,6 +81,8 @@ def error_response(exc: MidserveError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     elif isinstance(exc, ModelNotReadyError):
         headers["Retry-After"] = "5"
+    elif status == 503:  # a server-side fault another replica (or a second try) may not have
+        headers["Retry-After"] = "1"
     elif isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, BodyTimeoutError | BodyTooLargeError):
