@@ -11,6 +11,12 @@ is padded, so global pooling sees exactly the view's pixels. Flush on size or af
 fails only the requests in that batch. Up to the plan's ``workers`` forwards run at once;
 while every worker is busy the next batch keeps filling. When the queue holds
 ``max_queue_views`` view-equivalents, new work is refused at once (503 upstream).
+
+Faults (docs/reliability.md): a forward that raises fails its batch (ForwardError, 500);
+out of memory splits the batch in halves until it fits; a worker that dies is replaced and
+its batch run once more; a forward past ``forward_timeout_s`` fails its batch with
+ForwardStalledError (503), takes the model out of readiness (``unready``) and brings it
+back once a probe forward on a fresh worker answers (app/forward_workers.py).
 """
 
 from __future__ import annotations
@@ -22,12 +28,18 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from app.batch_items import BatchTimings, Job, Piece
-from app.errors import OverloadedError
+from app.errors import (
+    ForwardError,
+    ForwardOutOfMemoryError,
+    ForwardStalledError,
+    OverloadedError,
+    WorkerDiedError,
+)
+from app.forward_workers import ForwardPool
 from app.metrics import Metrics
 from app.runtime.engine import ViewOutputs
 from app.tta.preprocess import ViewGroup
@@ -35,21 +47,41 @@ from app.tta.preprocess import ViewGroup
 log = logging.getLogger(__name__)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text
+    )
+
+
 def split_on_oom(
     run: Callable[[torch.Tensor], ViewOutputs],
+    on_split: Callable[[int], None] | None = None,
 ) -> Callable[[torch.Tensor], ViewOutputs]:
-    """On CUDA out-of-memory, free the cache and retry once as two half batches."""
+    """On out-of-memory, free the CUDA cache and run the batch as two halves, each split
+    again while it does not fit; one view that does not fit raises ForwardOutOfMemoryError.
+    ``on_split(views)`` is told of each split (a metric)."""
 
     def guarded(batch: torch.Tensor) -> ViewOutputs:
         try:
             return run(batch)
-        except torch.cuda.OutOfMemoryError:
-            if batch.shape[0] < 2:
+        except Exception as exc:
+            if not is_out_of_memory(exc):
                 raise
-            log.warning("CUDA out of memory at %d views; retrying as two halves", batch.shape[0])
-            torch.cuda.empty_cache()
-            half = batch.shape[0] // 2
-            a, b = run(batch[:half]), run(batch[half:])
+            n = int(batch.shape[0])
+            if n < 2:
+                raise ForwardOutOfMemoryError(
+                    "out of memory on a single view; retry later or with fewer views"
+                ) from exc
+            log.warning("out of memory at %d views; retrying as two halves", n)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if on_split is not None:
+                on_split(n)
+            a, b = guarded(batch[: n // 2]), guarded(batch[n // 2 :])
             return ViewOutputs(torch.cat([a.features, b.features]), torch.cat([a.logits, b.logits]))
 
     return guarded
@@ -71,14 +103,21 @@ class ViewBatcher:
         workers: int = 1,
         threads: int = 0,
         view_pixels: int = 0,
+        forward_timeout_s: float | None = None,
+        probe: torch.Tensor | None = None,
     ) -> None:
         """``view_pixels``: the pixels of one view at the model's input size, the unit of
         batch and queue sizes (0: every view counts as one, whatever its shape).
-        ``threads``: torch intra-op threads on each forward thread (0: as the process)."""
+        ``threads``: torch intra-op threads on each forward thread (0: as the process).
+        ``forward_timeout_s``: the watchdog's limit on one forward (None: none);
+        ``probe``: the views a recovering model must answer to be ready again."""
         if max_batch_views < 1 or max_queue_views < 1:
             raise ValueError("max_batch_views and max_queue_views must be positive")
         self.model_name = model_name
-        self._run = split_on_oom(run)
+        self._run = split_on_oom(run, self._count_split)
+        self.forward_timeout_s = forward_timeout_s or None
+        self._probe = probe
+        self._stalls: list[str] = []  # why the model is out of readiness, while it is
         self.max_batch_views = max_batch_views
         self.max_wait_s = max_wait_s
         self.max_queue_views = max_queue_views
@@ -91,11 +130,8 @@ class ViewBatcher:
         # single-threaded forwards beat one forward on a two-thread OpenMP team (no barrier
         # waits when a decode thread or the event loop takes a core for a moment).
         self.workers = max(1, workers)
-        self._executor = ThreadPoolExecutor(
-            self.workers,
-            thread_name_prefix=f"forward-{model_name}",
-            initializer=(lambda: torch.set_num_threads(threads)) if threads > 0 else None,
-        )
+        self._threads = threads
+        self._pool: ForwardPool | None = None
         self._free_workers = asyncio.Semaphore(self.workers)
         self._idle_workers = self.workers
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -104,6 +140,10 @@ class ViewBatcher:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        if self._pool is None:
+            self._pool = ForwardPool(
+                self.model_name, self.workers, threads=self._threads, metrics=self.metrics
+            )
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -114,13 +154,23 @@ class ViewBatcher:
                 await self._task
             self._task = None
         if self._in_flight:  # forwards already running finish and answer their requests
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            _, stuck = await asyncio.wait(self._in_flight, timeout=self.forward_timeout_s)
+            for task in stuck:  # a recovery still waiting on a hung probe
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         for piece in self._pending:
             if not piece.job.abandoned:
                 piece.job.future.set_exception(RuntimeError("server is shutting down"))
         self._pending.clear()
         self._set_queue(0)
-        self._executor.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    @property
+    def unready(self) -> str | None:
+        """Why the model is out of readiness (a stalled forward it is recovering from)."""
+        return self._stalls[-1] if self._stalls else None
 
     @property
     def queued_views(self) -> float:
@@ -308,28 +358,93 @@ class ViewBatcher:
         self._free_workers.release()
 
     async def _forward(self, batch: list[Piece]) -> None:
-        """One forward pass on a worker thread, then each request gets its rows."""
-        loop = asyncio.get_running_loop()
+        """One forward pass on a worker thread, then each request gets its rows; a failed
+        forward fails this batch's requests only."""
         now = time.perf_counter()
         jobs = {id(p.job): p.job for p in batch}
         parts = [p.views for p in batch]
         n_views = sum(p.size for p in batch)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_parts, parts)
+            outputs = await self._run_batch(parts)
             if outputs.logits.shape[0] != n_views:
                 raise RuntimeError(
                     f"forward returned {outputs.logits.shape[0]} rows for {n_views} views"
                 )
-        except Exception as exc:  # the forward failed: fail this batch's requests only
-            log.exception("forward of %d views failed", n_views)
+        except Exception as exc:
+            error = exc if isinstance(exc, ForwardError) else None
+            if error is None:
+                log.exception("forward of %d views failed", n_views)
+                error = ForwardError(
+                    f"the forward pass of this request's batch failed ({type(exc).__name__}); "
+                    "the error is logged on the server"
+                )
+            self._count_fault(error)
             for job in jobs.values():
                 if not job.future.done():
-                    job.future.set_exception(exc)
+                    job.future.set_exception(error)
                 self._abandon(job)
+            if isinstance(error, ForwardStalledError):
+                await self._recover(str(error))
             return
         elapsed = time.perf_counter() - now
         self._record(len(jobs), n_views, elapsed)
         self._deliver(batch, outputs, elapsed)
+
+    async def _run_batch(self, parts: list[torch.Tensor]) -> ViewOutputs:
+        """The forward on a supervised worker, under the watchdog; run once more when the
+        worker dies under it (the views were not at fault)."""
+        assert self._pool is not None, "start() the batcher first"
+        try:
+            return await self._pool.run(self._run_parts, parts, timeout_s=self.forward_timeout_s)
+        except WorkerDiedError:
+            self._count_fault(WorkerDiedError())
+            if self.metrics:
+                self.metrics.forward_retries.labels(self.model_name, "worker_died").inc()
+            log.warning("forward worker died; running its batch once more")
+            return await self._pool.run(self._run_parts, parts, timeout_s=self.forward_timeout_s)
+
+    async def _recover(self, why: str) -> None:
+        """Out of readiness until a probe forward answers on a fresh worker. The probe
+        holds this forward's worker slot, so nothing else is scheduled on it meanwhile; it
+        has no time limit (waiting spawns no more threads), and one that raises is tried
+        again a second later."""
+        assert self._pool is not None
+        self._stalls.append(why)
+        if self.metrics:
+            self.metrics.model_unready.labels(self.model_name, "forward_stalled").inc()
+            self.metrics.model_ready.labels(self.model_name).set(0)
+        log.error("model %s out of readiness: %s", self.model_name, why)
+        probe = self._probe
+        while probe is not None:
+            try:
+                await self._pool.run(self._run_parts, [probe], timeout_s=None)
+                break
+            except Exception as exc:
+                log.warning("probe forward of %s failed (%r); trying again", self.model_name, exc)
+                await asyncio.sleep(1.0)
+        self._stalls.remove(why)
+        if self._stalls:
+            return
+        if self.metrics:
+            self.metrics.model_recoveries.labels(self.model_name).inc()
+            self.metrics.model_ready.labels(self.model_name).set(1)
+        log.warning("model %s ready again", self.model_name)
+
+    def _count_fault(self, error: ForwardError) -> None:
+        if self.metrics is None:
+            return
+        kind = {
+            ForwardStalledError: "stalled",
+            ForwardOutOfMemoryError: "out_of_memory",
+            WorkerDiedError: "worker_died",
+        }.get(type(error), "raised")
+        self.metrics.forward_faults.labels(self.model_name, kind).inc()
+
+    def _count_split(self, views: int) -> None:
+        """On the forward thread: one batch of ``views`` split after out of memory."""
+        if self.metrics:
+            self.metrics.forward_faults.labels(self.model_name, "out_of_memory").inc()
+            self.metrics.forward_retries.labels(self.model_name, "split").inc()
 
     def _run_parts(self, parts: list[torch.Tensor]) -> ViewOutputs:
         """On the forward thread: every torch op stays on the one thread that runs the

@@ -44,12 +44,16 @@ class Settings(BaseSettings, EngineOptions):
     max_queue_views: int = 512
     request_timeout_s: float = 30.0
     preprocess_workers: int = 2
+    forward_timeout_s: float = Field(default=30.0, ge=0)  # watchdog on one forward; 0: off
     body_read_timeout_s: float = 15.0  # per body chunk; ends slow-loris uploads
     body_min_rate_bytes_s: float = 50_000.0  # whole body: read_timeout + 1 s per this many bytes
 
     # the Open Inference Protocol over gRPC, on its own port (0: off); needs tritonclient[grpc]
     grpc_port: int = Field(default=0, ge=0, le=65535)
     grpc_host: str = "127.0.0.1"
+    # tests and drills only: faults injected into the forward (app/faults.py); never set
+    # in production, and no request can change it
+    fault_injection: str = ""
 
     # security
     auth_tokens: list[str] = []

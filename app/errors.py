@@ -88,6 +88,31 @@ class DeadlineExceededError(MidserveError):
     kind = "deadline_exceeded"
 
 
+class ForwardError(MidserveError):
+    """A forward pass failed on the server's side (the model raised): not the client's fault,
+    and not retried (a failure the inputs cause would fail again)."""
+
+    kind = "forward_failed"
+
+
+class ForwardStalledError(ForwardError):
+    """A forward pass gave no result within the watchdog's limit; the model is recovering."""
+
+    kind = "forward_stalled"
+
+
+class ForwardOutOfMemoryError(ForwardError):
+    """Out of memory even after splitting the batch down to one view."""
+
+    kind = "out_of_memory"
+
+
+class WorkerDiedError(ForwardError):
+    """The forward worker died running this batch, and again on the one retry."""
+
+    kind = "forward_worker_died"
+
+
 class DataError(MidserveError):
     """A training or evaluation data folder that cannot be used (missing, empty, wrong classes)."""
 

@@ -181,6 +181,37 @@ class Metrics:
             "Raw forward throughput of each plan timed at load (the chosen one: chosen=1)",
             ["model", "plan", "chosen"], registry=r,
         )  # fmt: skip
+        # faults survived (docs/reliability.md): each one counted where it happens
+        self.forward_faults = Counter(
+            "midserve_forward_faults_total",
+            "Forward passes that failed, by kind (raised, out_of_memory, stalled, worker_died)",
+            ["model", "kind"], registry=r,
+        )  # fmt: skip
+        self.forward_retries = Counter(
+            "midserve_forward_retries_total",
+            "Forwards run again: split in halves after out of memory, rerun after a worker died",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.worker_restarts = Counter(
+            "midserve_forward_worker_restarts_total",
+            "Forward workers replaced, by reason (died, stalled)", ["model", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.stuck_workers = Gauge(
+            "midserve_forward_workers_stuck",
+            "Forward threads the watchdog gave up on whose forward has not returned yet",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.model_unready = Counter(
+            "midserve_model_unready_total",
+            "Times a loaded model was taken out of readiness (a stalled forward)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
+        self.model_recoveries = Counter(
+            "midserve_model_recoveries_total",
+            "Times a model taken out of readiness answered a probe forward and came back",
+            ["model"], registry=r,
+        )  # fmt: skip
         r.register(_CudaMemoryCollector())
         self.policy_label = _CappedLabel()
 

@@ -24,12 +24,14 @@ from app.config import Settings
 from app.errors import (
     DeadlineExceededError,
     EvalResultsError,
+    ForwardError,
     MidserveError,
     ModelNotReadyError,
     OverloadedError,
     UnknownModelError,
 )
 from app.eval_results import EVAL_FILE, read_eval_results
+from app.faults import FaultInjector, injector_from_spec
 from app.metrics import Metrics
 from app.pipeline import ImagePipeline, Prediction
 from app.repository import ModelRepository
@@ -63,15 +65,23 @@ class ModelSlot:
     error: str = ""
     pipeline: ImagePipeline | None = None
     batcher: ViewBatcher | None = None
+    faults: FaultInjector | None = None  # only when the fault_injection setting names some
 
     @property
     def engine(self) -> Engine | None:
         return self.pipeline.engine if self.pipeline else None
 
+    def health(self) -> tuple[str, str]:
+        """(state, why): loading | ready | failed, or recovering while a stalled forward
+        keeps a loaded model out of readiness."""
+        if self.state == "ready" and self.batcher is not None and self.batcher.unready:
+            return "recovering", self.batcher.unready
+        return self.state, self.error
+
     def ready(self) -> tuple[ImagePipeline, ViewBatcher]:
-        if self.state != "ready" or self.pipeline is None or self.batcher is None:
-            why = self.error if self.state == "failed" else "still loading"
-            raise ModelNotReadyError(f"model {self.name!r} is not ready: {why}")
+        state, why = self.health()
+        if state != "ready" or self.pipeline is None or self.batcher is None:
+            raise ModelNotReadyError(f"model {self.name!r} is not ready: {why or 'still loading'}")
         return self.pipeline, self.batcher
 
 
@@ -113,9 +123,11 @@ class ClassifyService:
                 slot.state, slot.error = "failed", str(exc) or type(exc).__name__
                 continue
             s, engine = self.settings, pipeline.engine
+            slot.faults = injector_from_spec(s.fault_injection)
+            size = engine.cfg.input_size
             batcher = ViewBatcher(
                 slot.name,
-                engine.run_views,
+                slot.faults.wrap(engine.run_views) if slot.faults else engine.run_views,
                 max_batch_views=s.max_batch_views or engine.chunk_views,
                 max_wait_s=s.max_wait_ms / 1000.0,
                 max_queue_views=max(s.max_queue_views, 1),
@@ -123,6 +135,8 @@ class ClassifyService:
                 workers=engine.plan.workers,
                 threads=engine.plan.threads if engine.device.type == "cpu" else 0,
                 view_pixels=view_pixels(engine.cfg.input_size),
+                forward_timeout_s=s.forward_timeout_s,
+                probe=torch.zeros(1, 3, size, size),
             )
             batcher.start()
             slot.pipeline, slot.batcher, slot.state = pipeline, batcher, "ready"
@@ -176,9 +190,19 @@ class ClassifyService:
                 await slot.batcher.stop()
         self._pre_pool.shutdown(wait=False, cancel_futures=True)
 
+    def readiness(self) -> dict[str, dict[str, str]]:
+        """Every served model's state (and why, when it is not ready): what /readyz and any
+        other readiness route answer from."""
+        out = {}
+        for name, slot in self.slots.items():
+            state, why = slot.health()
+            out[name] = {"state": state, **({"error": why} if why else {})}
+        return out
+
     @property
     def ready(self) -> bool:
-        return bool(self.slots) and all(s.state == "ready" for s in self.slots.values())
+        """Every served model loaded, warm and not recovering from a stalled forward."""
+        return bool(self.slots) and all(s.health()[0] == "ready" for s in self.slots.values())
 
     def slot(self, name: str) -> ModelSlot:
         if name not in self.slots:
@@ -220,7 +244,7 @@ class ClassifyService:
             *(self.classify_image(slot, data, request, deadline) for data in images),
             return_exceptions=True,
         )
-        for fatal in (OverloadedError, DeadlineExceededError):
+        for fatal in (OverloadedError, DeadlineExceededError, ForwardError):
             for outcome in gathered:
                 if isinstance(outcome, fatal):
                     raise outcome

@@ -55,6 +55,11 @@ STATUS = {
     "overloaded": 503,
     "model_not_ready": 503,
     "deadline_exceeded": 504,
+    "forward_failed": 500,
+    "forward_stalled": 503,
+    "out_of_memory": 503,
+    "forward_worker_died": 503,
+    "decode_budget": 503,
 }
 
 
@@ -70,11 +75,14 @@ def error_body(kind: str, message: str, **extra: object) -> dict[str, object]:
 
 
 def retry_after(exc: MidserveError) -> dict[str, str]:
-    """The Retry-After header of an error worth retrying (overload, a model still loading)."""
+    """The Retry-After header of an error worth retrying (overload, a model still loading,
+    a server-side fault that another replica, or a second try, may not have)."""
     if isinstance(exc, OverloadedError):
         return {"Retry-After": str(max(1, round(exc.retry_after_s)))}
     if isinstance(exc, ModelNotReadyError):
         return {"Retry-After": "5"}
+    if classify_error(exc)[0] == 503:
+        return {"Retry-After": "1"}
     return {}
 
 

@@ -220,12 +220,9 @@ async def healthz() -> dict[str, str]:
     dependencies=[Depends(require_token_unless_open)],
 )
 async def readyz(service: ServiceDep) -> Response:
-    """Ready: every configured model is loaded and warmed up; 503 names the ones that are not."""
-    models = {
-        name: {"state": slot.state, **({"error": slot.error} if slot.error else {})}
-        for name, slot in service.slots.items()
-    }
-    body = Readiness(ready=service.ready, models=models).model_dump()
+    """Ready: every configured model is loaded, warmed up and not recovering from a stalled
+    forward; 503 names the ones that are not, and why."""
+    body = Readiness(ready=service.ready, models=service.readiness()).model_dump()
     return JSONResponse(body, status_code=200 if service.ready else 503)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.batching import ViewBatcher
-from app.errors import OverloadedError
+from app.errors import ForwardError, ForwardOutOfMemoryError, OverloadedError
 from app.metrics import Metrics
 from app.runtime.engine import Engine, ViewOutputs
 
@@ -71,7 +71,9 @@ def test_a_failing_forward_fails_only_its_batch(tiny_engine: Engine) -> None:
         return results[0], results[1], later
 
     first, second, later = asyncio.run(go())
-    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
+    # a domain error (500 forward_failed at the edge), not the runtime's own exception
+    assert isinstance(first, ForwardError) and isinstance(second, ForwardError)
+    assert first.kind == "forward_failed"
     assert later.logits.shape == (5, 10)
 
 
@@ -168,12 +170,14 @@ def test_idle_workers_share_a_lone_request_and_full_batches_run_under_load(
     assert burst == [8] * 5
 
 
-def test_out_of_memory_retries_as_two_halves(tiny_engine: Engine) -> None:
-    """A forward that runs out of device memory is retried once as two halves; the rows
-    come back in order. The ceiling (more than 4 views) stands in for a GPU's memory."""
+def test_out_of_memory_splits_in_halves_until_the_batch_fits(tiny_engine: Engine) -> None:
+    """A forward that runs out of memory runs again as two halves, each split again while
+    it does not fit; rows come back in order. The ceiling (more than 4 views) stands in for
+    a device's memory; one view over it is a domain error (503 out_of_memory)."""
     from app.batching import split_on_oom
 
     sizes: list[int] = []
+    splits: list[int] = []
 
     def limited(batch: torch.Tensor) -> ViewOutputs:
         sizes.append(int(batch.shape[0]))
@@ -181,9 +185,13 @@ def test_out_of_memory_retries_as_two_halves(tiny_engine: Engine) -> None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated ceiling)")
         return tiny_engine.run_views(batch)
 
-    x = _views(8, 3)
-    out = split_on_oom(limited)(x)
-    assert sizes == [8, 4, 4]
+    x = _views(12, 3)
+    out = split_on_oom(limited, splits.append)(x)
+    assert sizes == [12, 6, 3, 3, 6, 3, 3] and splits == [12, 6, 6]
     torch.testing.assert_close(out.logits, tiny_engine.run_views(x).logits, rtol=1e-4, atol=1e-5)
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # once only: a half that fails again
-        split_on_oom(limited)(_views(12, 4))
+
+    def never(batch: torch.Tensor) -> ViewOutputs:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    with pytest.raises(ForwardOutOfMemoryError):
+        split_on_oom(never)(_views(2, 4))
