@@ -32,59 +32,14 @@ from collections.abc import Callable
 import torch
 
 from app.batch_items import BatchTimings, Job, Piece
-from app.errors import (
-    ForwardError,
-    ForwardOutOfMemoryError,
-    ForwardStalledError,
-    OverloadedError,
-    WorkerDiedError,
-)
+from app.errors import ForwardError, ForwardStalledError, OverloadedError
+from app.forward_faults import ForwardFaults, split_on_oom
 from app.forward_workers import ForwardPool
 from app.metrics import Metrics
 from app.runtime.engine import ViewOutputs
 from app.tta.preprocess import ViewGroup
 
 log = logging.getLogger(__name__)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "can't allocate memory" in text or "out of memory" in text
-    )
-
-
-def split_on_oom(
-    run: Callable[[torch.Tensor], ViewOutputs],
-    on_split: Callable[[int], None] | None = None,
-) -> Callable[[torch.Tensor], ViewOutputs]:
-    """On out-of-memory, free the CUDA cache and run the batch as two halves, each split
-    again while it does not fit; one view that does not fit raises ForwardOutOfMemoryError.
-    ``on_split(views)`` is told of each split (a metric)."""
-
-    def guarded(batch: torch.Tensor) -> ViewOutputs:
-        try:
-            return run(batch)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            n = int(batch.shape[0])
-            if n < 2:
-                raise ForwardOutOfMemoryError(
-                    "out of memory on a single view; retry later or with fewer views"
-                ) from exc
-            log.warning("out of memory at %d views; retrying as two halves", n)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if on_split is not None:
-                on_split(n)
-            a, b = guarded(batch[: n // 2]), guarded(batch[n // 2 :])
-            return ViewOutputs(torch.cat([a.features, b.features]), torch.cat([a.logits, b.logits]))
-
-    return guarded
 
 
 class ViewBatcher:
@@ -114,10 +69,9 @@ class ViewBatcher:
         if max_batch_views < 1 or max_queue_views < 1:
             raise ValueError("max_batch_views and max_queue_views must be positive")
         self.model_name = model_name
-        self._run = split_on_oom(run, self._count_split)
         self.forward_timeout_s = forward_timeout_s or None
-        self._probe = probe
-        self._stalls: list[str] = []  # why the model is out of readiness, while it is
+        self._faults = ForwardFaults(model_name, metrics, self.forward_timeout_s, probe)
+        self._run = split_on_oom(run, self._faults.count_split)
         self.max_batch_views = max_batch_views
         self.max_wait_s = max_wait_s
         self.max_queue_views = max_queue_views
@@ -170,7 +124,7 @@ class ViewBatcher:
     @property
     def unready(self) -> str | None:
         """Why the model is out of readiness (a stalled forward it is recovering from)."""
-        return self._stalls[-1] if self._stalls else None
+        return self._faults.unready
 
     @property
     def queued_views(self) -> float:
@@ -365,7 +319,8 @@ class ViewBatcher:
         parts = [p.views for p in batch]
         n_views = sum(p.size for p in batch)
         try:
-            outputs = await self._run_batch(parts)
+            assert self._pool is not None, "start() the batcher first"
+            outputs = await self._faults.run(self._pool, self._run_parts, parts)
             if outputs.logits.shape[0] != n_views:
                 raise RuntimeError(
                     f"forward returned {outputs.logits.shape[0]} rows for {n_views} views"
@@ -378,73 +333,18 @@ class ViewBatcher:
                     f"the forward pass of this request's batch failed ({type(exc).__name__}); "
                     "the error is logged on the server"
                 )
-            self._count_fault(error)
+            self._faults.count_fault(error)
             for job in jobs.values():
                 if not job.future.done():
                     job.future.set_exception(error)
                 self._abandon(job)
             if isinstance(error, ForwardStalledError):
-                await self._recover(str(error))
+                assert self._pool is not None
+                await self._faults.recover(self._pool, self._run_parts, str(error))
             return
         elapsed = time.perf_counter() - now
         self._record(len(jobs), n_views, elapsed)
         self._deliver(batch, outputs, elapsed)
-
-    async def _run_batch(self, parts: list[torch.Tensor]) -> ViewOutputs:
-        """The forward on a supervised worker, under the watchdog; run once more when the
-        worker dies under it (the views were not at fault)."""
-        assert self._pool is not None, "start() the batcher first"
-        try:
-            return await self._pool.run(self._run_parts, parts, timeout_s=self.forward_timeout_s)
-        except WorkerDiedError:
-            self._count_fault(WorkerDiedError())
-            if self.metrics:
-                self.metrics.forward_retries.labels(self.model_name, "worker_died").inc()
-            log.warning("forward worker died; running its batch once more")
-            return await self._pool.run(self._run_parts, parts, timeout_s=self.forward_timeout_s)
-
-    async def _recover(self, why: str) -> None:
-        """Out of readiness until a probe forward answers on a fresh worker. The probe
-        holds this forward's worker slot, so nothing else is scheduled on it meanwhile; it
-        has no time limit (waiting spawns no more threads), and one that raises is tried
-        again a second later."""
-        assert self._pool is not None
-        self._stalls.append(why)
-        if self.metrics:
-            self.metrics.model_unready.labels(self.model_name, "forward_stalled").inc()
-            self.metrics.model_ready.labels(self.model_name).set(0)
-        log.error("model %s out of readiness: %s", self.model_name, why)
-        probe = self._probe
-        while probe is not None:
-            try:
-                await self._pool.run(self._run_parts, [probe], timeout_s=None)
-                break
-            except Exception as exc:
-                log.warning("probe forward of %s failed (%r); trying again", self.model_name, exc)
-                await asyncio.sleep(1.0)
-        self._stalls.remove(why)
-        if self._stalls:
-            return
-        if self.metrics:
-            self.metrics.model_recoveries.labels(self.model_name).inc()
-            self.metrics.model_ready.labels(self.model_name).set(1)
-        log.warning("model %s ready again", self.model_name)
-
-    def _count_fault(self, error: ForwardError) -> None:
-        if self.metrics is None:
-            return
-        kind = {
-            ForwardStalledError: "stalled",
-            ForwardOutOfMemoryError: "out_of_memory",
-            WorkerDiedError: "worker_died",
-        }.get(type(error), "raised")
-        self.metrics.forward_faults.labels(self.model_name, kind).inc()
-
-    def _count_split(self, views: int) -> None:
-        """On the forward thread: one batch of ``views`` split after out of memory."""
-        if self.metrics:
-            self.metrics.forward_faults.labels(self.model_name, "out_of_memory").inc()
-            self.metrics.forward_retries.labels(self.model_name, "split").inc()
 
     def _run_parts(self, parts: list[torch.Tensor]) -> ViewOutputs:
         """On the forward thread: every torch op stays on the one thread that runs the

@@ -174,7 +174,7 @@ def test_out_of_memory_splits_in_halves_until_the_batch_fits(tiny_engine: Engine
     """A forward that runs out of memory runs again as two halves, each split again while
     it does not fit; rows come back in order. The ceiling (more than 4 views) stands in for
     a device's memory; one view over it is a domain error (503 out_of_memory)."""
-    from app.batching import split_on_oom
+    from app.forward_faults import split_on_oom
 
     sizes: list[int] = []
     splits: list[int] = []
