@@ -151,7 +151,9 @@ def test_idle_workers_share_a_lone_request_and_full_batches_run_under_load(
     tiny_engine: Engine,
 ) -> None:
     """Low load: a lone 10-view request runs as two 5-view forwards, one per idle worker
-    (latency); a deep queue: every forward is a full batch (throughput)."""
+    (latency); a deep queue: every forward is a full batch (throughput) while the queue
+    holds a full batch per worker. The last 8 views run as one batch, or as two halves when
+    both workers happen to be idle as they are taken (a race the test does not fix)."""
     run = Recorder(tiny_engine)
 
     async def go() -> tuple[list[int], list[int]]:
@@ -167,7 +169,8 @@ def test_idle_workers_share_a_lone_request_and_full_batches_run_under_load(
 
     lone, burst = asyncio.run(go())
     assert sorted(lone) == [5, 5]
-    assert burst == [8] * 5
+    assert burst[:4] == [8] * 4
+    assert burst[4:] in ([8], [4, 4])
 
 
 def test_out_of_memory_splits_in_halves_until_the_batch_fits(tiny_engine: Engine) -> None:
