@@ -43,7 +43,7 @@ from app.tta.views import (
 )
 
 # a reduced-scale JPEG decode keeps the shorter side at least this many times the largest
-# resize the policy's views ask for (docs/benchmarks.md: top-1 unchanged on the samples)
+# resize the policy's views ask for (docs/benchmarks.md, the ceiling run)
 JPEG_DRAFT_MARGIN = 2
 
 
