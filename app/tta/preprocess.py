@@ -298,10 +298,9 @@ def prepare_image(
     )
 
 
-def _cut(image: PreparedImage, views: list[View]) -> torch.Tensor:
+def _cut(views: list[View], by_size: dict[tuple[int, int], Resized]) -> torch.Tensor:
     """[N, 3, H, W] channels_last: views of one shape, slices of their resized pixels
-    (one copy per view), flipped where asked."""
-    by_size = resize_regions(image, views)
+    (``by_size``, one copy per view), flipped where asked."""
     regions = [by_size[v.resized] for v in views]
     if regions[0].pixels.device.type == "cpu":  # numpy: no torch op off the forward
         arrays = []
@@ -334,7 +333,7 @@ def cut_views(image: PreparedImage, views: list[View]) -> torch.Tensor:
     """Views of one shape stacked on the batch dimension: [N, 3, H, W], channels_last."""
     if len({v.shape for v in views}) > 1:
         raise ValueError("views of several shapes: use cut_view_groups")
-    return _cut(image, views)
+    return _cut(views, resize_regions(image, views))
 
 
 @dataclass
@@ -347,8 +346,8 @@ class ViewGroup:
 
 def cut_view_groups(image: PreparedImage, views: list[View]) -> list[ViewGroup]:
     """Views grouped by shape (a forward runs one shape), in order of first appearance."""
-    resize_regions(image, views)  # every resolution's box before any group is cut
+    regions = resize_regions(image, views)  # every resolution's box before any group is cut
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, v in enumerate(views):
         by_shape[v.shape].append(i)
-    return [ViewGroup(idx, _cut(image, [views[i] for i in idx])) for idx in by_shape.values()]
+    return [ViewGroup(idx, _cut([views[i] for i in idx], regions)) for idx in by_shape.values()]

@@ -22,6 +22,7 @@ from app.repository import LoadedModel, ModelRepository
 from app.runtime.backends import OpenVinoForward, openvino_model
 from app.runtime.engine import ViewOutputs
 from app.runtime.int8 import CHECK_VIEWS, INT8_FOLDER, META, MODEL_XML, weights_key
+from app.runtime.machine import cores
 from app.runtime.tuning.agreement import normalised, real_view_agreement, reference_outputs
 from app.runtime.tuning.cache import cache_root
 from app.tta.limits import DecodeLimits
@@ -73,25 +74,23 @@ def split_views(
     return calibration, check, targets
 
 
-def quantized_network(model: LoadedModel, calibration: list[torch.Tensor]) -> Any:
+def quantized_network(model: LoadedModel, ov_float: Any, calibration: list[torch.Tensor]) -> Any:
     import nncf
 
-    ov_float = openvino_model(model, cache_root(None))
     items = [normalised(model, v).numpy() for v in calibration]
     return nncf.quantize(
         ov_float, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=False
     )
 
 
-def top1_rows(model: LoadedModel, quantized: Any, check: torch.Tensor, targets: list[int]
-              ) -> dict[str, dict[str, Any]]:  # fmt: skip
+def top1_rows(model: LoadedModel, ov_float: Any, quantized: Any, check: torch.Tensor,
+              targets: list[int]) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Top-1 of float32 (torch), bf16 and int8 (OpenVINO) on the held-out crops, with int8's
     paired difference to each."""
     cfg = model.cfg
     runs = {"float32": reference_outputs(model, normalised(model, check)).logits}
-    ov_float = openvino_model(model, cache_root(None))
     for name, net, dtype in (("bfloat16", ov_float, "bfloat16"), ("int8", quantized, "int8")):
-        forward = OpenVinoForward(net, dtype, 1, os.cpu_count() or 1, cfg.mean, cfg.std)
+        forward = OpenVinoForward(net, dtype, 1, cores(), cfg.mean, cfg.std)
         runs[name] = forward(check)[1]
     y = torch.tensor(targets)
     right = {name: (logits.argmax(-1) == y).numpy() for name, logits in runs.items()}
@@ -133,10 +132,11 @@ def write_int8(model: LoadedModel, calibration: list[torch.Tensor], check_list: 
         raise BackendUnavailableError(
             f"model {model.cfg.name} has no entry folder of its own, or has BN sets"
         )
-    quantized = quantized_network(model, calibration)
+    ov_float = openvino_model(model, cache_root(None))
+    quantized = quantized_network(model, ov_float, calibration)
     check = torch.cat(check_list)
     cfg = model.cfg
-    forward = OpenVinoForward(quantized, "int8", 1, os.cpu_count() or 1, cfg.mean, cfg.std)
+    forward = OpenVinoForward(quantized, "int8", 1, cores(), cfg.mean, cfg.std)
     f, logits = forward(check)
     reference = reference_outputs(model, normalised(model, check))
     mean_diff, top1, ok = real_view_agreement(reference, ViewOutputs(f, logits))
@@ -159,7 +159,7 @@ def write_int8(model: LoadedModel, calibration: list[torch.Tensor], check_list: 
         "agrees": ok,
     }
     if all(t >= 0 for t in targets):
-        report["top1"] = top1_rows(model, quantized, check, targets)
+        report["top1"] = top1_rows(model, ov_float, quantized, check, targets)
     (tmp / META).write_text(json.dumps(report, indent=1, sort_keys=True))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
