@@ -26,7 +26,12 @@ from app.runtime.tuning.cache import cache_key, model_fingerprint
 INT8_FOLDER = "int8"
 MODEL_XML = "model.xml"
 CHECK_VIEWS = "check_views.npy"  # uint8 [N, H, W, 3]: held-out center crops
+CHECK_WHOLE = "check_whole.npz"  # uint8 [1, H, W, 3] each: the same photos whole (any shape)
 META = "int8.json"
+# int8 is offered only if the served policy, run whole on the held-out photos, answers at
+# most this many more of them wrongly in int8 than in bf16 (one photo: the noise floor of a
+# folder of a hundred, as for JPEG draft decoding)
+MAX_PHOTOS_LOST = 1
 
 
 def int8_folder(model: LoadedModel) -> Path | None:
@@ -50,10 +55,16 @@ class Int8Model:
 
         return ov.Core().read_model(self.folder / MODEL_XML)
 
-    def check_views(self) -> torch.Tensor:
-        """[N, 3, H, W] uint8 channels_last, as served views arrive."""
-        pixels = np.load(self.folder / CHECK_VIEWS)
-        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+    def check_views(self) -> list[torch.Tensor]:
+        """Batches of one shape each, [N, 3, H, W] uint8 channels_last as served views
+        arrive: the held-out center crops, then each photo whole (the views a staged policy
+        escalates to, where int8's rounding also moves the gate)."""
+        batches = [np.load(self.folder / CHECK_VIEWS)]
+        whole = self.folder / CHECK_WHOLE
+        if whole.is_file():
+            with np.load(whole) as arrays:
+                batches += [arrays[k] for k in sorted(arrays.files)]
+        return [torch.from_numpy(np.ascontiguousarray(b)).permute(0, 3, 1, 2) for b in batches]
 
 
 def int8_missing(model: LoadedModel) -> str | None:
@@ -75,6 +86,24 @@ def int8_missing(model: LoadedModel) -> str | None:
         import openvino  # noqa: F401
     except ImportError:
         return "openvino is not installed (pip install 'midserve[openvino]')"
+    return None
+
+
+def int8_not_offered(model: LoadedModel) -> str | None:
+    """Why the tuner must not offer int8 for ``model``: none runs here (``int8_missing``),
+    or the job measured it losing photos with the served policy. A forced int8
+    (``MIDSERVE_DTYPE=int8``) is the operator's choice and runs all the same."""
+    why = int8_missing(model)
+    if why is not None:
+        return why
+    served = (read_int8_meta(model) or {}).get("served_policy") or {}
+    lost = int(served.get("broken", 0)) - int(served.get("fixed", 0))
+    if lost > MAX_PHOTOS_LOST:
+        return (
+            f"int8 answered {lost} more of {served.get('n')} held-out photos wrongly than "
+            f"{served.get('baseline', 'float')} with the served policy {served.get('policy')!r} "
+            f"(at most {MAX_PHOTOS_LOST} allowed)"
+        )
     return None
 
 

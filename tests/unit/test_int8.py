@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 
-def _int8_trial(engine: Engine):
+def _int8_trial(engine: Engine):  # the first int8 trial of the engine's tuning
     report = engine.tuning
     assert isinstance(report, TuningReport)
     (trial,) = [t for t in report.trials if t.plan.dtype == "int8"][:1]
@@ -45,13 +45,18 @@ def test_forced_int8_without_a_quantized_model_is_a_clear_error(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_quantized_default_model_agrees_on_real_photos_and_is_offered(tmp_path: Path) -> None:
+def test_quantized_default_model_agrees_on_real_photos_and_the_tuner_follows_its_policy_score(
+    tmp_path: Path,
+) -> None:
     """The embedded default model quantized on one half of the sample photos: it keeps
-    float32's answers on the other half, and the tuner times it as a candidate."""
+    float32's answers view by view on the other half; the served policy is scored in int8
+    and in the float path on that half, and the tuner times int8 exactly when it lost at
+    most MAX_PHOTOS_LOST photos there."""
     import shutil
 
     from app.config import default_models_dir
     from app.jobs.quantize.run import quantize
+    from app.runtime.int8 import MAX_PHOTOS_LOST
     from tests.helpers import DEFAULT_MODEL, SAMPLES_DIR, SAMPLES_MISSING
 
     if not SAMPLES_DIR.is_dir():
@@ -63,15 +68,23 @@ def test_quantized_default_model_agrees_on_real_photos_and_is_offered(tmp_path: 
     assert report["agrees"], report
     top1 = report["top1"]
     assert abs(top1["int8"]["top1"] - top1["float32"]["top1"]) <= 2 / top1["int8"]["n"]
+    served = report["served_policy"]
+    assert served["n"] == top1["int8"]["n"] and set(served["top1"]) == {"int8", served["baseline"]}
     model = ModelRepository(models).load(DEFAULT_MODEL, "cpu")
     options = EngineOptions(tune=True, tune_seconds=5.0, tune_cache_dir=tmp_path / "cache")
-    trial = _int8_trial(tuned_engine(model, options))
-    assert trial.status == "measured" and trial.views_per_s, trial.status
+    engine = tuned_engine(model, options)
+    trials = [t for t in engine.tuning.trials if t.plan.dtype == "int8"]  # type: ignore[union-attr]
+    if served["broken"] - served["fixed"] > MAX_PHOTOS_LOST:
+        assert not trials and engine.plan.dtype != "int8"
+    else:
+        assert trials and trials[0].status == "measured" and trials[0].views_per_s
 
 
 def test_int8_calibrated_on_blank_views_is_rejected(tmp_path: Path) -> None:
     """Calibrated on flat grey views, the quantizer's activation ranges are far too narrow:
     a real int8 network that answers differently on the held-out views, however fast."""
+    import dataclasses
+
     from app.jobs.quantize.run import split_views, write_int8
 
     make_tiny_model(tmp_path / "models", "tiny")
@@ -79,12 +92,41 @@ def test_int8_calibrated_on_blank_views_is_rejected(tmp_path: Path) -> None:
     model = ModelRepository(tmp_path / "models").load("tiny", "cpu")
     from app.jobs.quantize.run import photos as read_photos
 
-    _, check, targets = split_views(model, read_photos(photos, model, 600), 0)
+    split = split_views(model, read_photos(photos, model, 600), 0)
     blank = [torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)] * 8
-    report = write_int8(model, blank, check, targets)
+    report = write_int8(model, dataclasses.replace(split, calibration=blank))
     assert not report["agrees"]
     options = EngineOptions(tune=True, tune_seconds=0.5, tune_cache_dir=tmp_path / "cache")
     engine = tuned_engine(model, options)
     trial = _int8_trial(engine)
     assert trial.status == "rejected: disagrees with float32 on real views", trial.status
     assert trial.views_per_s is None and engine.plan.dtype != "int8"
+
+
+def test_int8_that_loses_photos_with_the_served_policy_is_not_offered(tmp_path: Path) -> None:
+    """A quantized network that agrees view by view, but whose served policy (gate included)
+    answered more held-out photos wrongly than the float path: not a tuning candidate."""
+    import json
+
+    from app.jobs.quantize.run import photos as read_photos
+    from app.jobs.quantize.run import split_views, write_int8, write_meta
+    from app.runtime.int8 import MAX_PHOTOS_LOST, int8_folder, int8_not_offered
+
+    make_tiny_model(tmp_path / "models", "tiny")
+    photos = make_image_folder(tmp_path / "photos", classes=4, per_class=10, size=(96, 80))
+    model = ModelRepository(tmp_path / "models").load("tiny", "cpu")
+    report = write_int8(model, split_views(model, read_photos(photos, model, 600), 0))
+    folder = int8_folder(model)
+    assert folder is not None and (folder / "check_whole.npz").is_file()
+    lost = MAX_PHOTOS_LOST + 1
+    report["served_policy"] = {"policy": "center", "n": 20, "fixed": 1, "broken": 1 + lost}
+    write_meta(folder, report)
+    assert json.loads((folder / "int8.json").read_text())["served_policy"]["broken"] == 1 + lost
+    why = int8_not_offered(model) or ""
+    assert f"answered {lost} more of 20 held-out photos wrongly" in why
+    assert int8_missing(model) is None  # forced, it still runs: the operator's choice
+    options = EngineOptions(tune=True, tune_seconds=0.5, tune_cache_dir=tmp_path / "cache")
+    engine = tuned_engine(model, options)
+    assert engine.plan.dtype != "int8"
+    report_trials = engine.tuning.trials if isinstance(engine.tuning, TuningReport) else []
+    assert not [t for t in report_trials if t.plan.dtype == "int8"]

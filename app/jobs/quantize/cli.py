@@ -30,6 +30,16 @@ def report_text(report: dict) -> str:
         ci = row.get("vs_int8")
         vs = f"  int8 - {name}: {ci['diff']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]" if ci else ""
         lines.append(f"top-1 {name:8s} {row['top1']:.3f} (n={row['n']}){vs}")
+    served = report.get("served_policy")
+    if served:
+        base = served["baseline"]
+        lines.append(
+            f"served policy {served['policy']} on the {served['n']} held-out photos: int8 "
+            f"{served['top1']['int8']:.3f} vs {base} {served['top1'][base]:.3f}, int8 - {base} "
+            f"{served['diff']:+.3f} [{served['lo']:+.3f}, {served['hi']:+.3f}] "
+            f"({served['fixed']} fixed, {served['broken']} broken; view-equivalents "
+            f"{served['view_equivalents']['int8']:.2f} vs {served['view_equivalents'][base]:.2f})"
+        )
     return "\n".join(lines)
 
 

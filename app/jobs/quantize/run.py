@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,20 @@ from app.errors import BackendUnavailableError, DataError
 from app.jobs.datasets import LabelledImage, read_labelled_folder, scan_unlabelled
 from app.jobs.evaluate.staged import fit_half
 from app.jobs.evaluate.tables import paired
-from app.pipeline import ImagePreparer
+from app.pipeline import ImagePipeline, ImagePreparer
 from app.repository import LoadedModel, ModelRepository
+from app.request import ClassifyRequest, check_level
 from app.runtime.backends import OpenVinoForward, openvino_model
-from app.runtime.engine import ViewOutputs
-from app.runtime.int8 import CHECK_VIEWS, INT8_FOLDER, META, MODEL_XML, weights_key
-from app.runtime.machine import cores
-from app.runtime.tuning.agreement import normalised, real_view_agreement, reference_outputs
+from app.runtime.engine import Engine, ViewOutputs
+from app.runtime.int8 import CHECK_VIEWS, CHECK_WHOLE, INT8_FOLDER, META, MODEL_XML, weights_key
+from app.runtime.machine import cores, cpu_has_native_bf16
+from app.runtime.plan import DtypeName, EngineOptions
+from app.runtime.tuning.agreement import (
+    normalised,
+    real_outputs,
+    real_view_agreement,
+    reference_outputs,
+)
 from app.runtime.tuning.cache import cache_root
 from app.tta.limits import DecodeLimits
 from app.tta.stages import parse_policy
@@ -49,29 +57,39 @@ def views_of(prep: ImagePreparer, data: bytes) -> list[torch.Tensor]:
     return [g.batch for g in prepared.groups]  # one group per shape: the crop first
 
 
-def split_views(
-    model: LoadedModel, items: list[LabelledImage], seed: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
-    """(calibration views of the fit half, check center crops of the held-out half, their
-    labels); unreadable photos are skipped with a log line."""
+@dataclass
+class Split:
+    """The fit half's views (calibration), and the held-out half: its center crops and
+    whole images (uint8 [1, 3, H, W] each, the check views), labels and photos."""
+
+    calibration: list[torch.Tensor]
+    check_center: list[torch.Tensor]
+    check_whole: list[torch.Tensor]
+    targets: list[int]
+    held_out: list[LabelledImage]
+
+
+def split_views(model: LoadedModel, items: list[LabelledImage], seed: int) -> Split:
+    """Views of ``items`` split by file name as evaluation splits them (``fit_half``): the
+    held-out half is the one the served policy was scored on. Unreadable photos are skipped."""
     prep = ImagePreparer(model.cfg, torch.device("cpu"), DecodeLimits(), jpeg_draft=True)
-    calibration: list[torch.Tensor] = []
-    check: list[torch.Tensor] = []
-    targets: list[int] = []
+    split = Split([], [], [], [], [])
     for item in items:
         try:
             views = views_of(prep, item.path.read_bytes())
         except (OSError, ValueError) as exc:
             log.warning("skipping %s: %s", item.path, exc)
             continue
-        if fit_half(item.path.as_posix(), seed):
-            calibration.extend(views)
-        elif len(check) < MAX_CHECK_VIEWS:
-            check.append(views[0])
-            targets.append(item.target)
-    if not calibration or not check:
+        if fit_half(item.path.name, seed):
+            split.calibration.extend(views)
+        elif len(split.check_center) < MAX_CHECK_VIEWS:
+            split.check_center.append(views[0])
+            split.check_whole.extend(views[1:])
+            split.targets.append(item.target)
+            split.held_out.append(item)
+    if not split.calibration or not split.check_center:
         raise DataError(f"need photos in both halves; got {len(items)} usable photos")
-    return calibration, check, targets
+    return split
 
 
 def quantized_network(model: LoadedModel, ov_float: Any, calibration: list[torch.Tensor]) -> Any:
@@ -115,15 +133,18 @@ def quantize(models_dir: Path, name: str, images: Path, max_images: int, seed: i
         raise BackendUnavailableError(f"quantize needs nncf and openvino: {exc}") from exc
     model = ModelRepository(models_dir).load(name, "cpu")
     items = photos(images, model, max_images)
-    calibration, check, targets = split_views(model, items, seed)
-    report = write_int8(model, calibration, check, targets)
-    return {**report, "calibration_images": sum(fit_half(i.path.as_posix(), seed) for i in items)}
+    split = split_views(model, items, seed)
+    report = write_int8(model, split)
+    if all(t >= 0 for t in split.targets):
+        report["served_policy"] = served_policy_row(model, split.held_out)
+        write_meta(model.cfg.folder / INT8_FOLDER, report)  # type: ignore[operator]
+    return {**report, "calibration_images": sum(fit_half(i.path.name, seed) for i in items)}
 
 
-def write_int8(model: LoadedModel, calibration: list[torch.Tensor], check_list: list[torch.Tensor],
-               targets: list[int]) -> dict[str, Any]:  # fmt: skip
-    """Quantize on ``calibration``, check on ``check_list`` (uint8 views), write the entry's
-    ``int8/`` atomically (a half-written folder is never read) and return the report."""
+def write_int8(model: LoadedModel, split: Split) -> dict[str, Any]:
+    """Quantize on the split's calibration views, check on its held-out center crops and
+    whole images, write the entry's ``int8/`` atomically (a half-written folder is never
+    read) and return the report."""
     import nncf
     import openvino as ov
 
@@ -133,34 +154,78 @@ def write_int8(model: LoadedModel, calibration: list[torch.Tensor], check_list: 
             f"model {model.cfg.name} has no entry folder of its own, or has BN sets"
         )
     ov_float = openvino_model(model, cache_root(None))
-    quantized = quantized_network(model, ov_float, calibration)
-    check = torch.cat(check_list)
+    quantized = quantized_network(model, ov_float, split.calibration)
+    check = torch.cat(split.check_center)
     cfg = model.cfg
     forward = OpenVinoForward(quantized, "int8", 1, cores(), cfg.mean, cfg.std)
-    f, logits = forward(check)
-    reference = reference_outputs(model, normalised(model, check))
-    mean_diff, top1, ok = real_view_agreement(reference, ViewOutputs(f, logits))
+    reference, out = real_outputs(
+        model, lambda b: ViewOutputs(*forward(b)), [check, *split.check_whole]
+    )
+    mean_diff, top1, ok = real_view_agreement(reference, out)
     folder = entry / INT8_FOLDER
     tmp = folder.with_name(f".{INT8_FOLDER}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     ov.save_model(quantized, tmp / MODEL_XML, compress_to_fp16=False)
-    np.save(tmp / CHECK_VIEWS, check.permute(0, 2, 3, 1).contiguous().numpy())
+    np.save(tmp / CHECK_VIEWS, nhwc(check))
+    whole = {f"v{i:04d}": nhwc(v) for i, v in enumerate(split.check_whole)}
+    np.savez(tmp / CHECK_WHOLE, **whole)  # type: ignore[arg-type]
     report: dict[str, Any] = {
         "folder": str(folder),
         "weights": weights_key(model),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "nncf": nncf.__version__,
         "openvino": ov.__version__,
-        "calibration_views": len(calibration),
-        "check_views": int(check.shape[0]),
+        "calibration_views": len(split.calibration),
+        "check_views": int(check.shape[0]) + len(whole),
         "top1_agreement": top1,
         "mean_prob_diff": mean_diff,
         "agrees": ok,
     }
-    if all(t >= 0 for t in targets):
-        report["top1"] = top1_rows(model, ov_float, quantized, check, targets)
-    (tmp / META).write_text(json.dumps(report, indent=1, sort_keys=True))
+    if all(t >= 0 for t in split.targets):
+        report["top1"] = top1_rows(model, ov_float, quantized, check, split.targets)
+    write_meta(tmp, report)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
     return report
+
+
+def nhwc(views: torch.Tensor) -> np.ndarray:
+    return views.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def write_meta(folder: Path, report: dict[str, Any]) -> None:
+    """``int8.json``, replaced whole: a reader never sees half of it."""
+    tmp = folder / f".{META}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(report, indent=1, sort_keys=True))
+    tmp.replace(folder / META)
+
+
+def served_policy_row(model: LoadedModel, held_out: list[LabelledImage]) -> dict[str, Any]:
+    """The served policy (``views=auto``, gate included) run whole on the held-out photos
+    through the pipeline, int8 against the float path served without it (bf16 where the
+    CPU has it natively, else float32): int8's rounding moves the gate's probabilities and
+    the whole-image views, which per-view agreement does not show. The tuner refuses int8
+    when it loses more than MAX_PHOTOS_LOST photos here."""
+    cfg = model.cfg
+    text = cfg.auto_views or cfg.default_views
+    level = check_level(cfg.default_level)
+    request = ClassifyRequest(spec=parse_policy(text), level=level, top_k=1, seed=0)
+    float_dtype: DtypeName = "bfloat16" if cpu_has_native_bf16() else "float32"
+    right: dict[str, np.ndarray] = {}
+    view_eq: dict[str, float] = {}
+    int8: DtypeName = "int8"
+    for dtype in (float_dtype, int8):
+        options = EngineOptions(backend="openvino", dtype=dtype, tune=False, forward_workers=1)
+        pipeline = ImagePipeline(Engine(model, options))
+        answers = [pipeline.classify(item.path.read_bytes(), request) for item in held_out]
+        right[dtype] = np.array(
+            [a.top[0].index == i.target for a, i in zip(answers, held_out, strict=True)]
+        )
+        view_eq[dtype] = float(np.mean([a.view_equivalents for a in answers]))
+    p = paired(right["int8"], right[float_dtype])
+    return {
+        "policy": text, "n": len(held_out), "baseline": float_dtype,
+        "top1": {k: float(v.mean()) for k, v in right.items()}, "view_equivalents": view_eq,
+        "diff": p.diff, "lo": p.ci_low, "hi": p.ci_high, "fixed": p.fixed, "broken": p.broken,
+    }  # fmt: skip

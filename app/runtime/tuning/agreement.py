@@ -3,6 +3,8 @@ image-like probes through both, compared on probabilities, top-1 and features.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from app.repository import LoadedModel
@@ -63,6 +65,13 @@ def real_view_agreement(reference: ViewOutputs, out: ViewOutputs) -> tuple[float
         and bool(torch.isfinite(out.logits).all())
     )
     return mean_diff, top1, ok
+
+
+def real_outputs(model: LoadedModel, run: Callable[[torch.Tensor], ViewOutputs],
+                 batches: list[torch.Tensor]) -> tuple[ViewOutputs, ViewOutputs]:  # fmt: skip
+    """(float32's, ``run``'s) outputs on uint8 view batches of any shapes, concatenated."""
+    reference = [reference_outputs(model, normalised(model, b)) for b in batches]
+    return ViewOutputs.concat(reference), ViewOutputs.concat([run(b) for b in batches])
 
 
 def normalised(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:

@@ -30,14 +30,14 @@ import torch
 from app.repository import LoadedModel
 from app.runtime.backends import backend_missing
 from app.runtime.engine import Engine
-from app.runtime.int8 import int8_missing, load_int8, read_int8_meta
-from app.runtime.machine import cores, cpu_has_native_bf16
+from app.runtime.int8 import int8_not_offered, load_int8, read_int8_meta
+from app.runtime.machine import cores, cpu_has_int8, cpu_has_native_bf16
 from app.runtime.plan import EngineOptions, ForwardPlan
 from app.runtime.tuning.agreement import (
     PROBES,
     agreement,
-    normalised,
     probe_batch,
+    real_outputs,
     real_view_agreement,
     reference_outputs,
 )
@@ -188,10 +188,9 @@ class Tuner:
             engine.apply(dataclasses.replace(plan, chunk_views=PROBES))
             if dtype == "int8":  # on real held-out views: synthetic probes are outside the
                 # ranges int8 was calibrated for, and its rounding shows on photos, not there
-                views = load_int8(self.model).check_views()
-                real = reference_outputs(self.model, normalised(self.model, views))
+                batches = load_int8(self.model).check_views()
                 trial.max_prob_diff, trial.top1_agreement, ok = real_view_agreement(
-                    real, engine.run_views(views)
+                    *real_outputs(self.model, engine.run_views, batches)
                 )
                 verdict = "rejected: disagrees with float32 on real views"
             else:
@@ -221,7 +220,10 @@ class Tuner:
 
     def run(self, budget_s: float) -> ForwardPlan:
         device = self.model.device
-        int8 = self.options.int8 and int8_missing(self.model) is None
+        why_not_int8 = int8_not_offered(self.model) if self.options.int8 else "MIDSERVE_INT8=false"
+        if why_not_int8 and cpu_has_int8():
+            log.info("tuning %s: no int8 candidate: %s", self.model.cfg.name, why_not_int8)
+        int8 = why_not_int8 is None
         self.check_paths(numeric_paths(self.options, device, self.default, budget_s, int8))
         if not self.engines:
             return self.fallback()
@@ -275,7 +277,7 @@ class Tuner:
 def tuning_key(model: LoadedModel, options: EngineOptions, budget_s: float) -> str:
     device = model.device
     default = options.forward_plan(device.type)
-    int8 = options.int8 and int8_missing(model) is None
+    int8 = options.int8 and int8_not_offered(model) is None
     space = {
         "paths": numeric_paths(options, device, default, budget_s, int8),
         "int8": read_int8_meta(model) if int8 else None,  # a new quantization re-tunes
