@@ -3,8 +3,10 @@ the OpenVINO network with int8 weights and activations, and held-out real views 
 tuner checks it on against float32 before offering it (synthetic probes give near-uniform
 outputs on a real network, where int8's errors do not show).
 
-Offered only where the CPU has int8 dot-product units (VNNI or AMX): elsewhere int8 is
-emulated and slower. Measured on a 2-vCPU Xeon with avx512_vnni and no AMX
+Offered only where the CPU has int8 dot-product units (VNNI or AMX), elsewhere int8 is
+emulated and slower, and only where the served policy lost at most MAX_PHOTOS_LOST held-out
+photos in int8 (the job scores it; the default model lost 2 of 51, docs/benchmarks.md).
+Measured on a 2-vCPU Xeon with avx512_vnni and no AMX
 (tf_efficientnet_lite0, one thread, 8 views): int8 about 1.8x OpenVINO bf16 and 1.6x f32.
 """
 
