@@ -4,8 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages some tests drive for real: a headless browser (tests/web), Prometheus and
-# promtool (tests/deploy), docker-compose's config validator. Each test skips without its tool.
-SYSTEM_TOOLS := chromium chromium-driver prometheus docker-compose
+# promtool (tests/deploy), docker-compose's config validator, nginx in front of replicas
+# (tests/reliability/test_failover.py). Each test skips without its tool.
+# package[:binary], where the binary that shows the package is installed has another name.
+SYSTEM_TOOLS := chromium chromium-driver:chromedriver prometheus docker-compose nginx-light:nginx
 
 .PHONY: serve test lint install system-tools clean
 
@@ -23,14 +25,16 @@ install: $(STAMP)
 serve: install
 	$(VENV)/bin/midserve serve
 
+# A tool counts as present when its binary is on PATH or in /usr/sbin, /sbin (nginx lives
+# there, and a non-root PATH often lacks them); only the missing packages are installed.
 system-tools:
-	@missing=""; \
-	for t in chromium chromedriver prometheus docker-compose; do \
-	  command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	for t in $(SYSTEM_TOOLS); do \
+	  command -v "$${t#*:}" >/dev/null || missing="$$missing $${t%%:*}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    --no-install-recommends $(SYSTEM_TOOLS) || echo "apt-get failed: some tests will skip"; \
+	    --no-install-recommends $$missing || echo "apt-get failed: some tests will skip"; \
 	else echo "missing:$$missing (not root or no apt-get): the tests that need them skip"; fi
 
 lint: install

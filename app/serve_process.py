@@ -118,12 +118,14 @@ def serve_process(
     inherit_output: bool = False,
     log_level: str = "warning",
     ready_timeout_s: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``midserve serve`` for ``models`` (names, or one comma-separated string) in a
-    subprocess on 127.0.0.1 and a free port, with this environment plus ``env``; yield its
-    base URL and process once /readyz answers 200 (every model loaded), or /healthz with
-    ``wait_ready=False``; then stop it (SIGTERM: a graceful shutdown)."""
-    port = free_port()
+    subprocess on 127.0.0.1 and a free port (or ``port``: a replica restarted where its
+    balancer expects it), with this environment plus ``env``; yield its base URL and process
+    once /readyz answers 200 (every model loaded), or /healthz with ``wait_ready=False``;
+    then stop it (SIGTERM: a graceful shutdown)."""
+    port = free_port() if port is None else port
     base = f"http://{HOST}:{port}"
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}

@@ -54,14 +54,17 @@ def server_process(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     log_path: Path | None = None,
+    port: int | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """As running_server, also yielding the process (for signals and its memory)."""
+    """As running_server, also yielding the process (for signals and its memory); on
+    ``port`` if given, else on a free one."""
     with serve_process(
         models_dir,
         models,
         env={**SERVER_ENV, **(env or {})},
         wait_ready=wait_ready,
         log_path=log_path,
+        port=port,
     ) as (base, proc):
         yield base, proc
 

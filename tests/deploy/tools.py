@@ -23,11 +23,12 @@ COMPOSE_FILES = {
 
 
 def find_tool(name: str) -> str | None:
-    """``name`` on PATH, or beside this interpreter (pip-installed into the venv)."""
+    """``name`` beside this interpreter (pip-installed into the venv), on PATH, or in the
+    system directories a non-root PATH often lacks (Debian's nginx is /usr/sbin/nginx)."""
     beside = Path(sys.executable).parent / name
     if beside.is_file():
         return str(beside)
-    return shutil.which(name)
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
 MISSING = {
@@ -35,4 +36,5 @@ MISSING = {
     "docker-compose": "docker-compose is absent: apt-get install docker-compose (Debian)",
     "prometheus": "the prometheus binary is absent: apt-get install prometheus (Debian)",
     "promtool": "promtool is absent: apt-get install prometheus (Debian)",
+    "nginx": "nginx is absent: apt-get install nginx-light (Debian)",
 }
