@@ -59,6 +59,8 @@ class Settings(BaseSettings, EngineOptions):
     auth_tokens: list[str] = []
     auth_tokens_file: Path | None = None
     open_probes: bool = True  # /metrics, /healthz, /readyz need no token
+    # /docs, /redoc and /openapi.json need the token when tokens are set, unless this is true
+    public_docs: bool = False
 
     @field_validator("max_batch_views", mode="before")
     @classmethod

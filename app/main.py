@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyLimitMiddleware, RequestCountMiddleware
-from app.api.routes import probes, router
+from app.api.routes import probes, require_token, router
 from app.api.v2.routes import router as v2_router
 from app.api.web import install_web
 from app.config import Settings, get_settings
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,  # served below, behind the tokens unless MIDSERVE_PUBLIC_DOCS
     )
     app.state.settings = settings
     app.state.service = service
@@ -86,7 +87,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static/docs", StaticFiles(directory=_docs_assets()), name="docs-assets")
     install_web(app)
 
-    @app.get("/docs", include_in_schema=False)
+    docs_guard = [] if settings.public_docs else [Depends(require_token)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=docs_guard)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=docs_guard)
     async def swagger() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url="/openapi.json",
@@ -96,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swagger_favicon_url="/static/docs/favicon.png",
         )
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False, dependencies=docs_guard)
     async def redoc() -> HTMLResponse:
         return get_redoc_html(
             openapi_url="/openapi.json",

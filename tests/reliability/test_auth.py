@@ -107,3 +107,24 @@ def test_every_token_is_compared_in_constant_time(
             assert client.get("/v1/models", headers=_bearer(given)).status_code == status
             assert [b for _, b in calls] == [t.encode() for t in tokens]
             assert all(a == given.encode() for a, _ in calls)
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+def test_the_api_docs_need_the_token_when_tokens_are_set(
+    token_server: TestClient, path: str
+) -> None:
+    refused = token_server.get(path)
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["type"] == "unauthorized"
+    assert token_server.get(path, headers=_bearer(TOKENS[1])).status_code == 200
+
+
+def test_public_docs_keeps_the_api_docs_open_beside_the_tokens(tiny_repo: Path) -> None:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MIDSERVE_AUTH_TOKENS", '["only-token"]')
+        env.setenv("MIDSERVE_PUBLIC_DOCS", "true")
+        settings = tiny_settings(tiny_repo)
+    with in_process_app(settings) as client:
+        assert client.get("/openapi.json").json()["paths"]
+        assert client.get("/docs").status_code == 200
+        assert client.post(CLASSIFY, content=image_bytes(64, 64), headers=PNG).status_code == 401
