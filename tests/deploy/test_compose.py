@@ -9,6 +9,7 @@ dashboard's datasource uid, probes on real routes, an HPA on a metric the server
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,29 @@ def test_compose_files_validate_and_wire_the_stack(stack: str) -> None:
         lb = services["lb"]
         assert lb["depends_on"]["midserve"]["condition"] == "service_healthy"
         assert any(p["target"] == 8000 for p in lb["ports"])
+        check_nginx_mounts(lb["volumes"])
     else:
         assert any(p["target"] == 8000 for p in ms["ports"])
+
+
+def check_nginx_mounts(volumes: list[str]) -> None:
+    """The balancer gets the server block as conf.d/default.conf (which the image's
+    nginx.conf includes) and every file it includes where nginx looks for it (relative
+    includes resolve against /etc/nginx). tests/reliability/test_failover.py runs the same
+    two files."""
+    mounts = {}
+    for volume in volumes:
+        source, target = volume.split(":")[:2]
+        assert Path(source).is_file(), f"lb mounts missing {source}"
+        mounts[target] = Path(source)
+    server_block = mounts["/etc/nginx/conf.d/default.conf"]
+    assert server_block == DOCKER_DIR / "nginx" / "midserve.conf"
+    includes = re.findall(r"^\s*include\s+([^;]+);", server_block.read_text(), re.MULTILINE)
+    assert includes, "the server block includes the proxy settings"
+    for name in includes:
+        target = name if name.startswith("/") else f"/etc/nginx/{name}"
+        assert target in mounts, f"{server_block.name} includes {name}, not mounted at {target}"
+        assert mounts[target].parent == server_block.parent
 
 
 def test_compose_validation_catches_a_misspelt_key(tmp_path: Path) -> None:
