@@ -38,7 +38,7 @@ CLASSIFY_ROUTE = "/v1/models/{model}/classify"
 BODY = image_bytes(64, 64, seed=3)
 HEADERS = {"content-type": "image/png"}
 CLIENTS = 8
-REPLICAS = 2
+REPLICAS = 3
 REPORT = PROJECT_ROOT / "artifacts" / "failover.md"
 
 
@@ -313,11 +313,9 @@ def test_a_replica_lost_under_load_loses_no_request_and_is_picked_up_again(
         exit_code = victim.proc.wait(timeout=40)
         t_exit = time.time()
         exit_s = t_exit - t_signal
-        time.sleep(1.5)  # down for a while: the others answer everything
-        down_s = time.time() - t_signal
-        victim.start()  # same port; returns once it is ready
+        victim.start()  # same port; returns once it is ready (down meanwhile: seconds)
         t_ready = time.time()
-        restart_s = t_ready - t_signal - down_s
+        down_s = t_ready - t_signal
         back_s = wait_for("the restarted replica serving through nginx",
                           lambda: victim.classify_200s() >= 3, 20, 0.1)  # fmt: skip
         time.sleep(0.5)
@@ -346,8 +344,8 @@ def test_a_replica_lost_under_load_loses_no_request_and_is_picked_up_again(
         f"{counts['retried']}, lost {lost}; nginx moved {len(moved)} to another replica, "
         f"marked a replica down {disabled} times; {len(drained)} answered by the victim "
         f"after the signal; "
-        f"200s by replica {dict(by_final)}; victim exit {exit_code}, down {down_s:.1f} s, "
-        f"exit after {exit_s:.1f} s, restart {restart_s:.1f} s, back through nginx "
+        f"200s by replica {dict(by_final)}; victim exit {exit_code} after {exit_s:.1f} s, "
+        f"down (until ready again) {down_s:.1f} s, back through nginx "
         f"{back_s:.1f} s after ready; test {test_s:.0f} s"
     )
 
