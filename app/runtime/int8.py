@@ -31,8 +31,8 @@ CHECK_VIEWS = "check_views.npy"  # uint8 [N, H, W, 3]: held-out center crops
 CHECK_WHOLE = "check_whole.npz"  # uint8 [1, H, W, 3] each: the same photos whole (any shape)
 META = "int8.json"
 # int8 is offered only if the served policy, run whole on the held-out photos, answers at
-# most this many more of them wrongly in int8 than in bf16 (one photo: the noise floor of a
-# folder of a hundred, as for JPEG draft decoding)
+# most this many more of them wrongly in int8 than in its float path (one photo: the noise
+# floor of a folder of a hundred, as for JPEG draft decoding)
 MAX_PHOTOS_LOST = 1
 
 
