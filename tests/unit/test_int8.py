@@ -14,7 +14,7 @@ from app.runtime.engine import Engine
 from app.runtime.int8 import int8_missing
 from app.runtime.machine import cpu_has_int8
 from app.runtime.plan import EngineOptions
-from app.runtime.tuning.report import TuningReport
+from app.runtime.tuning.report import Trial, TuningReport
 from app.runtime.tuning.tuner import tuned_engine
 from tests.helpers import make_image_folder, make_tiny_model
 
@@ -27,10 +27,14 @@ pytestmark = [
 ]
 
 
-def _int8_trial(engine: Engine):  # the first int8 trial of the engine's tuning
+def _int8_trials(engine: Engine) -> list[Trial]:
     report = engine.tuning
     assert isinstance(report, TuningReport)
-    (trial,) = [t for t in report.trials if t.plan.dtype == "int8"][:1]
+    return [t for t in report.trials if t.plan.dtype == "int8"]
+
+
+def _int8_trial(engine: Engine) -> Trial:
+    (trial,) = _int8_trials(engine)[:1]
     return trial
 
 
@@ -73,7 +77,7 @@ def test_quantized_default_model_agrees_on_real_photos_and_the_tuner_follows_its
     model = ModelRepository(models).load(DEFAULT_MODEL, "cpu")
     options = EngineOptions(tune=True, tune_seconds=5.0, tune_cache_dir=tmp_path / "cache")
     engine = tuned_engine(model, options)
-    trials = [t for t in engine.tuning.trials if t.plan.dtype == "int8"]  # type: ignore[union-attr]
+    trials = _int8_trials(engine)
     if served["broken"] - served["fixed"] > MAX_PHOTOS_LOST:
         assert not trials and engine.plan.dtype != "int8"
     else:
@@ -127,6 +131,4 @@ def test_int8_that_loses_photos_with_the_served_policy_is_not_offered(tmp_path: 
     assert int8_missing(model) is None  # forced, it still runs: the operator's choice
     options = EngineOptions(tune=True, tune_seconds=0.5, tune_cache_dir=tmp_path / "cache")
     engine = tuned_engine(model, options)
-    assert engine.plan.dtype != "int8"
-    report_trials = engine.tuning.trials if isinstance(engine.tuning, TuningReport) else []
-    assert not [t for t in report_trials if t.plan.dtype == "int8"]
+    assert engine.plan.dtype != "int8" and not _int8_trials(engine)

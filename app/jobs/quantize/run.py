@@ -137,7 +137,7 @@ def quantize(models_dir: Path, name: str, images: Path, max_images: int, seed: i
     report = write_int8(model, split)
     if all(t >= 0 for t in split.targets):
         report["served_policy"] = served_policy_row(model, split.held_out)
-        write_meta(model.cfg.folder / INT8_FOLDER, report)  # type: ignore[operator]
+        write_meta(Path(report["folder"]), report)
     return {**report, "calibration_images": sum(fit_half(i.path.name, seed) for i in items)}
 
 

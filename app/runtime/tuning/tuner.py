@@ -220,10 +220,10 @@ class Tuner:
 
     def run(self, budget_s: float) -> ForwardPlan:
         device = self.model.device
-        why_not_int8 = int8_not_offered(self.model) if self.options.int8 else "MIDSERVE_INT8=false"
-        if why_not_int8 and cpu_has_int8():
-            log.info("tuning %s: no int8 candidate: %s", self.model.cfg.name, why_not_int8)
-        int8 = why_not_int8 is None
+        why_not = why_no_int8(self.model, self.options)
+        if why_not and cpu_has_int8():
+            log.info("tuning %s: no int8 candidate: %s", self.model.cfg.name, why_not)
+        int8 = why_not is None
         self.check_paths(numeric_paths(self.options, device, self.default, budget_s, int8))
         if not self.engines:
             return self.fallback()
@@ -274,10 +274,15 @@ class Tuner:
         return best.plan
 
 
+def why_no_int8(model: LoadedModel, options: EngineOptions) -> str | None:
+    """Why int8 is not a candidate for ``model`` under ``options``; None: it is."""
+    return int8_not_offered(model) if options.int8 else "MIDSERVE_INT8=false"
+
+
 def tuning_key(model: LoadedModel, options: EngineOptions, budget_s: float) -> str:
     device = model.device
     default = options.forward_plan(device.type)
-    int8 = options.int8 and int8_not_offered(model) is None
+    int8 = why_no_int8(model, options) is None
     space = {
         "paths": numeric_paths(options, device, default, budget_s, int8),
         "int8": read_int8_meta(model) if int8 else None,  # a new quantization re-tunes
