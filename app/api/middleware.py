@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import BodyTimeoutError, BodyTooLargeError
+from app.api.errors import BodyTimeoutError, BodyTooLargeError, error_response
 from app.metrics import Metrics
 
 
@@ -37,9 +35,10 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_json(send, 413, "too_large",
-                             f"request body of {int(declared)} bytes is over the limit of "
-                             f"{self.max_bytes} bytes")  # fmt: skip
+            exc = BodyTooLargeError(
+                f"request body of {int(declared)} bytes is over the limit of {self.max_bytes} bytes"
+            )
+            await error_response(exc)(scope, receive, send)
             return
         received = 0
         body_done = False
@@ -96,12 +95,3 @@ class RequestCountMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(template, str(status)).inc()
-
-
-async def _send_json(send: Send, status: int, kind: str, message: str) -> None:
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
-    headers: list[Any] = [(b"content-type", b"application/json"),
-                          (b"content-length", str(len(body)).encode()),
-                          (b"connection", b"close")]  # fmt: skip
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
