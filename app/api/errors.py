@@ -43,9 +43,21 @@ class BodyTooLargeError(ImageTooLargeError):
     """A streamed (chunked) body grew past the limit while it was being read."""
 
 
+class BodyBytesInFlightError(OverloadedError):
+    """Taking this body would hold more request-body bytes at once, over every request in
+    flight, than MIDSERVE_MAX_INFLIGHT_BODY_BYTES allows; the client should retry later."""
+
+    def __init__(self, in_flight: int, taking: str, bound: int) -> None:
+        super().__init__(
+            f"{in_flight} bytes of request bodies are in flight and the bound is {bound} bytes "
+            f"(MIDSERVE_MAX_INFLIGHT_BODY_BYTES): {taking} would pass it; retry later",
+            retry_after_s=1.0,
+        )
+
+
 # errors answered before the body was read to its end: the connection is closed after them,
 # or a dribbling client keeps the socket
-UNREAD_BODY = (BodyTimeoutError, BodyTooLargeError)
+UNREAD_BODY = (BodyTimeoutError, BodyTooLargeError, BodyBytesInFlightError)
 
 
 # the status of each error kind; any other error is a server bug: 500
