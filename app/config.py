@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.runtime.plan import EngineOptions
@@ -34,6 +34,10 @@ class Settings(BaseSettings, EngineOptions):
 
     # request limits
     max_body_bytes: int = 20 * 1024 * 1024
+    # request-body bytes held at once by every request in flight (0: no bound): 256 MiB is a
+    # dozen 20 MiB bodies, more than the decode workers take at a time; past it an upload
+    # is refused with 503 + Retry-After instead of piling up memory. At least max_body_bytes.
+    max_inflight_body_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     max_images_per_request: int = 16
     max_views_per_request: int = 64
     max_top_k: int = 100
@@ -66,6 +70,18 @@ class Settings(BaseSettings, EngineOptions):
     @classmethod
     def _unset_server(cls, value: Any) -> Any:
         return EngineOptions._unset(value)
+
+    @model_validator(mode="after")
+    def _body_fits_the_inflight_bound(self) -> Settings:
+        # a body over the bound could never be admitted: 503 "retry later" would be a lie
+        bound = self.max_inflight_body_bytes
+        if bound and self.max_body_bytes > bound:
+            raise ValueError(
+                f"MIDSERVE_MAX_BODY_BYTES ({self.max_body_bytes}) is over "
+                f"MIDSERVE_MAX_INFLIGHT_BODY_BYTES ({bound}): such a body could never be "
+                "admitted; raise the bound, lower the body limit, or set the bound to 0 (off)"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)

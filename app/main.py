@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodyLimitMiddleware, RequestCountMiddleware
+from app.api.middleware import BodyBytesInFlight, BodyLimitMiddleware, RequestCountMiddleware
 from app.api.routes import probes, require_token, router
 from app.api.v2.routes import router as v2_router
 from app.api.web import install_web
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         read_timeout_s=settings.body_read_timeout_s,
         min_rate=settings.body_min_rate_bytes_s,
+        in_flight=BodyBytesInFlight(settings.max_inflight_body_bytes, metrics),
     )
     app.mount("/static/docs", StaticFiles(directory=_docs_assets()), name="docs-assets")
     install_web(app)

@@ -125,6 +125,19 @@ class Metrics:
         self.in_flight = Gauge(
             "midserve_in_flight_requests", "Classify requests being processed", registry=r
         )
+        # the bound MIDSERVE_MAX_INFLIGHT_BODY_BYTES (app/api/middleware.py)
+        self.body_bytes_in_flight = Gauge(
+            "midserve_body_bytes_in_flight",
+            "Request-body bytes held by requests in flight (a declared Content-Length is "
+            "reserved whole at admission, a chunked body counted as it arrives)",
+            registry=r,
+        )
+        self.body_bytes_refused = Counter(
+            "midserve_body_bytes_refused_requests_total",
+            "Requests refused with 503 because their body would take the body bytes in flight "
+            "over the bound, by when (declared: before reading, chunked: mid-body)",
+            ["when"], registry=r,
+        )  # fmt: skip
         self.requests = Counter(
             "midserve_requests_total", "HTTP requests by route and status code",
             ["route", "status"], registry=r,

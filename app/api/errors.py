@@ -43,6 +43,23 @@ class BodyTooLargeError(ImageTooLargeError):
     """A streamed (chunked) body grew past the limit while it was being read."""
 
 
+class BodyBytesInFlightError(OverloadedError):
+    """Taking this body would hold more request-body bytes at once, over every request in
+    flight, than MIDSERVE_MAX_INFLIGHT_BODY_BYTES allows; the client should retry later."""
+
+    def __init__(self, in_flight: int, taking: str, bound: int) -> None:
+        super().__init__(
+            f"{in_flight} bytes of request bodies are in flight and the bound is {bound} bytes "
+            f"(MIDSERVE_MAX_INFLIGHT_BODY_BYTES): {taking} would pass it; retry later",
+            retry_after_s=1.0,
+        )
+
+
+# errors answered before the body was read to its end: the connection is closed after them,
+# or a dribbling client keeps the socket
+UNREAD_BODY = (BodyTimeoutError, BodyTooLargeError, BodyBytesInFlightError)
+
+
 # the status of each error kind; any other error is a server bug: 500
 STATUS = {
     "unknown_model": 404,
@@ -86,15 +103,20 @@ def retry_after(exc: MidserveError) -> dict[str, str]:
     return {}
 
 
-def error_response(exc: MidserveError) -> JSONResponse:
-    status, kind = classify_error(exc)
+def error_headers(exc: MidserveError) -> dict[str, str]:
+    """The headers that go with a domain error, whatever the body's protocol."""
     headers = retry_after(exc)
     if isinstance(exc, UnauthorizedError):
         headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, BodyTimeoutError | BodyTooLargeError):
-        # The rest of the body was never read: close, or a dribbling client keeps the socket.
+    if isinstance(exc, UNREAD_BODY):
         headers["Connection"] = "close"
-    return JSONResponse(error_body(kind, str(exc)), status_code=status, headers=headers)
+    return headers
+
+
+def error_response(exc: MidserveError) -> JSONResponse:
+    """The JSON answer to a domain error (an ASGI app too: middleware sends it as is)."""
+    status, kind = classify_error(exc)
+    return JSONResponse(error_body(kind, str(exc)), status_code=status, headers=error_headers(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:

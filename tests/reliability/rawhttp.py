@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -118,3 +119,31 @@ def dribble(
                 except (BrokenPipeError, ConnectionResetError):
                     return _parse(data, True), time.monotonic() - started
         return _parse(data, False), time.monotonic() - started
+
+
+def open_upload(
+    base: str, path: str, *, declared: int | None, first: bytes, content_type: str = "image/png"
+) -> socket.socket:
+    """A POST whose headers and ``first`` body bytes are sent and whose body is left
+    unfinished: the caller finishes it (``finish_upload``) or hangs up (closes the socket).
+    ``declared`` None: a chunked body, ``first`` sent as its first chunk."""
+    length = "Transfer-Encoding: chunked" if declared is None else f"Content-Length: {declared}"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n{length}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(_address(base), timeout=60)
+    sock.sendall(head + (first if declared is not None else chunk(first)))
+    return sock
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` framed as one chunk of a chunked body (b"": the last, empty one)."""
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def finish_upload(sock: socket.socket, rest: bytes, *, wait_close_s: float = 0) -> RawResponse:
+    """Send ``rest`` on an upload opened with ``open_upload`` and read the answer."""
+    # answered and closed before the rest was sent: read what came
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(rest)
+    return _read_response(sock, wait_close_s)

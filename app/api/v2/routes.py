@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from app.api.errors import retry_after
+from app.api.errors import error_headers
 from app.api.routes import ServiceDep, require_token, require_token_unless_open
 from app.api.v2 import handlers
 from app.api.v2.handlers import (
@@ -34,7 +34,7 @@ from app.errors import MidserveError
 
 
 def v2_error_response(exc: MidserveError) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=v2_status(exc), headers=retry_after(exc))
+    return JSONResponse({"error": str(exc)}, status_code=v2_status(exc), headers=error_headers(exc))
 
 
 class V2Route(APIRoute):
