@@ -47,9 +47,6 @@ class Settings(BaseSettings, EngineOptions):
     forward_timeout_s: float = Field(default=30.0, ge=0)  # watchdog on one forward; 0: off
     body_read_timeout_s: float = 15.0  # per body chunk; ends slow-loris uploads
     body_min_rate_bytes_s: float = 50_000.0  # whole body: read_timeout + 1 s per this many bytes
-    # a request's line and headers, from the connection's start or the previous response; 0: off
-    header_read_timeout_s: float = Field(default=10.0, ge=0)
-    max_connections: int = Field(default=1000, ge=1)  # requests on more connections: 503
 
     # the Open Inference Protocol over gRPC, on its own port (0: off); needs tritonclient[grpc]
     grpc_port: int = Field(default=0, ge=0, le=65535)
@@ -57,6 +54,12 @@ class Settings(BaseSettings, EngineOptions):
     # tests and drills only: faults injected into the forward (app/faults.py); never set
     # in production, and no request can change it
     fault_injection: str = ""
+
+    # connections, at the HTTP protocol (app/api/http_protocol.py): a request's line and
+    # headers must arrive within this, from the connection's start or the previous response
+    # (0: off); requests while more connections are open get 503 too_many_connections
+    header_read_timeout_s: float = Field(default=10.0, ge=0)
+    max_connections: int = Field(default=1000, ge=1)
 
     # security
     auth_tokens: list[str] = []
