@@ -102,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from app.api.http_protocol import protocol_class
     from app.main import create_app
 
     settings = settings_from_args(args)
@@ -113,11 +114,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # handler in place that re-raise ends the process with status 0 (a clean, asked-for stop)
     # instead of -15, which supervisors would report as a crash.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        # h11 with a header-read timeout and the connection limit (docs/reliability.md)
+        http=protocol_class(
+            settings.header_read_timeout_s, settings.max_connections, app.state.metrics
+        ),
         timeout_keep_alive=5,
         timeout_graceful_shutdown=30,
     )

@@ -59,6 +59,12 @@ class Settings(BaseSettings, EngineOptions):
     # in production, and no request can change it
     fault_injection: str = ""
 
+    # connections, at the HTTP protocol (app/api/http_protocol.py): a request's line and
+    # headers must arrive within this, from the connection's start or the previous response
+    # (0: off); requests while more connections are open get 503 too_many_connections
+    header_read_timeout_s: float = Field(default=10.0, ge=0)
+    max_connections: int = Field(default=1000, ge=1)
+
     # security
     auth_tokens: list[str] = []
     auth_tokens_file: Path | None = None

@@ -225,6 +225,17 @@ class Metrics:
             "Times a model taken out of readiness answered a probe forward and came back",
             ["model"], registry=r,
         )  # fmt: skip
+        # slow and abusive clients at the HTTP layer (app/api/http_protocol.py)
+        self.header_timeouts = Counter(
+            "midserve_header_timeouts_total",
+            "Connections closed for not sending a request's headers within "
+            "HEADER_READ_TIMEOUT_S (state: partial, answered 408; idle, nothing sent)",
+            ["state"], registry=r,
+        )  # fmt: skip
+        self.connections_refused = Counter(
+            "midserve_connections_refused_total",
+            "Requests answered 503 too_many_connections (over MAX_CONNECTIONS)", registry=r,
+        )  # fmt: skip
         r.register(_CudaMemoryCollector())
         self.policy_label = _CappedLabel()
 

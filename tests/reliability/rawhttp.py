@@ -147,3 +147,47 @@ def finish_upload(sock: socket.socket, rest: bytes, *, wait_close_s: float = 0) 
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         sock.sendall(rest)
     return _read_response(sock, wait_close_s)
+
+
+def request_on(sock: socket.socket, request: bytes) -> RawResponse:
+    """Send ``request`` on an open connection and read its answer (kept-alive requests)."""
+    sock.sendall(request)
+    return _read_response(sock, 0)
+
+
+def trickle_on(
+    sock: socket.socket, data: bytes, *, every_s: float, max_s: float
+) -> tuple[RawResponse, float]:
+    """Send ``data`` (a request's headers, say) one byte every ``every_s`` on ``sock`` while
+    the server keeps the connection open, at most ``max_s``; then read whatever the server
+    sends until it hangs up. Returns the answer (status 0: closed without one) and the
+    seconds until the server answered or hung up."""
+    started = time.monotonic()
+    sent = 0
+    sock.settimeout(every_s)
+    while time.monotonic() - started < max_s:
+        try:
+            got: bytes | None = sock.recv(65536)
+        except TimeoutError:
+            got = None
+        except ConnectionResetError:
+            got = b""
+        if got is not None:  # the server answered or hung up
+            answered = time.monotonic() - started
+            sock.settimeout(max_s)
+            res = _read_response(sock, max_s, got) if got else _parse(b"", True)
+            return res, answered
+        if sent < len(data):
+            try:
+                sock.sendall(data[sent : sent + 1])
+                sent += 1
+            except (BrokenPipeError, ConnectionResetError):
+                sock.settimeout(max_s)
+                return _read_response(sock, 0), time.monotonic() - started
+    return _parse(b"", False), time.monotonic() - started
+
+
+def trickle(base: str, data: bytes, *, every_s: float, max_s: float) -> tuple[RawResponse, float]:
+    """``trickle_on`` a new connection to ``base``."""
+    with socket.create_connection(_address(base), timeout=max_s) as sock:
+        return trickle_on(sock, data, every_s=every_s, max_s=max_s)
