@@ -1,7 +1,11 @@
 """Soak: many requests with mixed image sizes, formats and view counts against a real server.
 
 Reports the server's resident memory (start, after the first thousand, end), errors, and
-latency percentiles of the first and last thousand requests. Not part of ``make test``
+latency percentiles of the first and last thousand requests; and, per window of requests,
+what could make the later windows slower: the window's mix (each latency divided by the
+median of its own image and crop count over the run, so a window that drew more large
+images is not read as a slower server), the server's memory and /metrics size, and the
+share of the CPU that other processes took while it ran (a shared host). Not part of ``make test``
 (tests/reliability/test_soak.py runs it with 300 requests).
 
     PYTHONPATH=. python -m studies.soak --requests 10000 --concurrency 8
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import statistics
@@ -43,6 +48,7 @@ SERVER_DEFAULTS = {
 SIZES = [(32, 32), (64, 48), (120, 90), (200, 300), (320, 240), (640, 480), (1024, 768)]
 FORMATS = ["PNG", "JPEG"]
 CROPS = [1, 2, 3, 5, 10, 20]
+CPUS = psutil.cpu_count() or 1
 
 
 @dataclass
@@ -56,6 +62,7 @@ class SoakResult:
     rss_mb: dict[str, float]
     rss_growth_mb: float  # end minus after the first thousand (warm-up excluded)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    windows: list[dict[str, float]] = field(default_factory=list)
 
 
 def _percentiles(ms: list[float]) -> dict[str, float]:
@@ -118,17 +125,70 @@ def _payloads(count: int = 42, seed: int = 0) -> list[tuple[bytes, str]]:
     return out
 
 
-async def _drive(
-    base: str, model: str, n: int, concurrency: int, pid: int, window: int
-) -> tuple[list[float], list[int], dict[str, float]]:
-    payloads = _payloads()
+@dataclass
+class _Sample:
+    """What the host and the server looked like when a window of requests ended."""
+
+    done: int
+    wall_s: float
+    host_busy_s: float  # CPU time of every process on the host
+    server_s: float  # CPU time of the server
+    client_s: float  # CPU time of this load generator
+    rss_mb: float
+    metrics_lines: int
+
+
+def _host_busy_s() -> float:
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0))
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+async def _sample(
+    client: httpx.AsyncClient, done: int, server: psutil.Process, me: psutil.Process
+) -> _Sample:
+    metrics = await client.get("/metrics")
+    return _Sample(
+        done=done,
+        wall_s=time.perf_counter(),
+        host_busy_s=_host_busy_s(),
+        server_s=_cpu_s(server),
+        client_s=_cpu_s(me),
+        rss_mb=server.memory_info().rss / 2**20,
+        metrics_lines=metrics.text.count("\n"),
+    )
+
+
+def _plan(n: int, payloads: int, reverse: bool) -> list[tuple[int, int]]:
+    """(payload, crops) of each request; ``reverse``: the same requests, last first (a
+    drift that follows the plan, not the clock, is the mix of requests)."""
     rng = np.random.default_rng(1)
-    plan = [(int(rng.integers(len(payloads))), CROPS[int(rng.integers(len(CROPS)))])
+    plan = [(int(rng.integers(payloads)), CROPS[int(rng.integers(len(CROPS)))])
             for _ in range(n)]  # fmt: skip
+    return plan[::-1] if reverse else plan
+
+
+async def _drive(
+    base: str,
+    model: str,
+    n: int,
+    concurrency: int,
+    pid: int,
+    window: int,
+    reverse: bool = False,
+) -> tuple[list[float], list[int], dict[str, float], list[tuple[int, int]], list[_Sample]]:
+    payloads = _payloads()
+    plan = _plan(n, len(payloads), reverse)
     latencies = [0.0] * n
     statuses = [0] * n
     proc = psutil.Process(pid)
+    me = psutil.Process()
     rss = {"start": proc.memory_info().rss / 2**20}
+    samples: list[_Sample] = []
     next_index = 0
     done = 0
 
@@ -155,13 +215,50 @@ async def _drive(
             done += 1
             if done == window:
                 rss["after_first_window"] = proc.memory_info().rss / 2**20
+            if done % window == 0:
+                samples.append(await _sample(probe, done, proc, me))
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client, \
+            httpx.AsyncClient(base_url=base, timeout=120) as probe:  # fmt: skip
+        samples.append(await _sample(probe, 0, proc, me))
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     rss["end"] = proc.memory_info().rss / 2**20
     rss.setdefault("after_first_window", rss["end"])
-    return latencies, statuses, rss
+    return latencies, statuses, rss, plan, samples
+
+
+def window_report(
+    latencies: list[float], plan: list[tuple[int, int]], samples: list[_Sample], window: int
+) -> list[dict[str, float]]:
+    """Per window of ``window`` requests (in the order sent): p50 and p99 as measured, p99
+    of each latency over the median of its own (image, crops) over the run, and what the
+    host and server did while the window ran."""
+    by_kind: dict[tuple[int, int], list[float]] = {}
+    for ms, kind in zip(latencies, plan, strict=True):
+        by_kind.setdefault(kind, []).append(ms)
+    typical = {k: statistics.median(v) for k, v in by_kind.items()}
+    relative = [ms / typical[k] for ms, k in zip(latencies, plan, strict=True)]
+    out = []
+    for a, b in itertools.pairwise(samples):
+        lo, hi = a.done, b.done
+        wall = b.wall_s - a.wall_s
+        server, client = b.server_s - a.server_s, b.client_s - a.client_s
+        others = (b.host_busy_s - a.host_busy_s) - server - client
+        ms = latencies[lo:hi]
+        out.append({
+            "requests": hi,
+            "p50_ms": _percentiles(ms)["p50"],
+            "p99_ms": _percentiles(ms)["p99"],
+            "p99_of_typical": round(_percentiles(relative[lo:hi])["p99"], 3),
+            "typical_ms_of_mix": round(statistics.fmean(typical[k] for k in plan[lo:hi]), 2),
+            "server_cpu_ms_per_request": round(1000 * server / (hi - lo), 2),
+            "client_cpu_ms_per_request": round(1000 * client / (hi - lo), 2),
+            "other_processes_cpu_share": round(max(0.0, others) / (wall * CPUS), 3),
+            "rss_mb": round(b.rss_mb, 1),
+            "metrics_lines": b.metrics_lines,
+        })  # fmt: skip
+    return out
 
 
 def run_soak(
@@ -171,6 +268,7 @@ def run_soak(
     models_dir: Path | None = None,
     window: int = 1000,
     env: dict[str, str] | None = None,
+    reverse: bool = False,
 ) -> SoakResult:
     with tempfile.TemporaryDirectory() as tmp:
         if models_dir is None:
@@ -179,8 +277,8 @@ def run_soak(
         window = min(window, max(1, requests // 2))
         with serve_process(models_dir, model, env=server_env(env)) as (base, proc):
             t0 = time.perf_counter()
-            lat, statuses, rss = asyncio.run(
-                _drive(base, model, requests, concurrency, proc.pid, window)
+            lat, statuses, rss, plan, samples = asyncio.run(
+                _drive(base, model, requests, concurrency, proc.pid, window, reverse)
             )
             wall = time.perf_counter() - t0
     counts = Counter(str(s) for s in statuses)
@@ -198,6 +296,7 @@ def run_soak(
             "last": _percentiles(lat[-window:]),
             "all": _percentiles(lat),
         },  # fmt: skip
+        windows=window_report(lat, plan, samples, window),
     )
 
 
@@ -208,9 +307,15 @@ def main() -> None:
     p.add_argument("--model", default="tiny", help="'tiny' builds a tiny model in a temp dir")
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--window", type=int, default=1000, help="requests in 'first' and 'last'")
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="send the same requests in reverse order (a control for the mix)",
+    )
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "artifacts" / "soak.json")
     args = p.parse_args()
-    result = run_soak(args.requests, args.concurrency, args.model, args.models_dir, args.window)
+    result = run_soak(args.requests, args.concurrency, args.model, args.models_dir, args.window,
+                      reverse=args.reverse)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(asdict(result), indent=2))
     first, last = result.latency_ms["first"], result.latency_ms["last"]
@@ -219,6 +324,10 @@ def main() -> None:
     print(f"statuses {result.statuses}; errors {result.errors}")
     print(f"RSS MB {result.rss_mb}; growth after warm-up {result.rss_growth_mb} MB")
     print(f"latency ms first {first}\nlatency ms last  {last}")
+    keys = list(result.windows[0]) if result.windows else []
+    print(" ".join(f"{k:>14}" for k in keys))
+    for w in result.windows:
+        print(" ".join(f"{w[k]:>14}" for k in keys))
     print(json.dumps(asdict(result)))
 
 
