@@ -132,3 +132,25 @@ def test_int8_that_loses_photos_with_the_served_policy_is_not_offered(tmp_path: 
     options = EngineOptions(tune=True, tune_seconds=0.5, tune_cache_dir=tmp_path / "cache")
     engine = tuned_engine(model, options)
     assert engine.plan.dtype != "int8" and not _int8_trials(engine)
+
+
+def test_quantize_json_report_is_all_of_stdout_and_says_whether_int8_is_offered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The quantizer draws progress bars; with --json, stdout still parses as one report
+    (a script reads it), and the report says what the tuner will do with the result."""
+    import json
+
+    from app.cli import main
+
+    make_tiny_model(tmp_path / "models", "tiny")
+    photos = make_image_folder(tmp_path / "photos", classes=4, per_class=10, size=(96, 80))
+    argv = ["quantize", "--model", "tiny", "--models-dir", str(tmp_path / "models"),
+            "--images", str(photos), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration_images"] > 0 and "served_policy" in report
+    model = ModelRepository(tmp_path / "models").load("tiny", "cpu")
+    from app.runtime.int8 import int8_not_offered
+
+    assert report["not_offered"] == int8_not_offered(model)

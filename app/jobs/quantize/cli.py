@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import app.jobs.quantize as job
@@ -14,7 +16,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from app.jobs.quantize.run import quantize
 
     settings = settings_from_args(args)
-    report = quantize(settings.models_dir, args.model, args.images, args.max_images, args.seed)
+    # NNCF draws its progress bars on stdout: there they would corrupt --json
+    with contextlib.redirect_stdout(sys.stderr):
+        report = quantize(settings.models_dir, args.model, args.images, args.max_images, args.seed)
     print(json.dumps(report, indent=1) if args.json else report_text(report))
     return 0
 
@@ -40,6 +44,9 @@ def report_text(report: dict) -> str:
             f"({served['fixed']} fixed, {served['broken']} broken; view-equivalents "
             f"{served['view_equivalents']['int8']:.2f} vs {served['view_equivalents'][base]:.2f})"
         )
+    why = report.get("not_offered")
+    lines.append(f"the tuner will not offer int8 here: {why}" if why else
+                 "the tuner will time int8 here beside the float paths")  # fmt: skip
     return "\n".join(lines)
 
 

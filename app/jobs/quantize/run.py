@@ -23,7 +23,15 @@ from app.repository import LoadedModel, ModelRepository
 from app.request import ClassifyRequest, check_level
 from app.runtime.backends import OpenVinoForward, openvino_model
 from app.runtime.engine import Engine, ViewOutputs
-from app.runtime.int8 import CHECK_VIEWS, CHECK_WHOLE, INT8_FOLDER, META, MODEL_XML, weights_key
+from app.runtime.int8 import (
+    CHECK_VIEWS,
+    CHECK_WHOLE,
+    INT8_FOLDER,
+    META,
+    MODEL_XML,
+    int8_not_offered,
+    weights_key,
+)
 from app.runtime.machine import cores, cpu_has_native_bf16
 from app.runtime.plan import DtypeName, EngineOptions
 from app.runtime.tuning.agreement import (
@@ -138,7 +146,11 @@ def quantize(models_dir: Path, name: str, images: Path, max_images: int, seed: i
     if all(t >= 0 for t in split.targets):
         report["served_policy"] = served_policy_row(model, split.held_out)
         write_meta(Path(report["folder"]), report)
-    return {**report, "calibration_images": sum(fit_half(i.path.name, seed) for i in items)}
+    return {
+        **report,
+        "calibration_images": sum(fit_half(i.path.name, seed) for i in items),
+        "not_offered": int8_not_offered(model),  # what the tuner will say of it here
+    }
 
 
 def write_int8(model: LoadedModel, split: Split) -> dict[str, Any]:
