@@ -60,17 +60,21 @@ class ViewBatcher:
         view_pixels: int = 0,
         forward_timeout_s: float | None = None,
         probe: torch.Tensor | None = None,
+        recovery_limit_s: float | None = None,
     ) -> None:
         """``view_pixels``: the pixels of one view at the model's input size, the unit of
         batch and queue sizes (0: every view counts as one, whatever its shape).
         ``threads``: torch intra-op threads on each forward thread (0: as the process).
         ``forward_timeout_s``: the watchdog's limit on one forward (None: none);
-        ``probe``: the views a recovering model must answer to be ready again."""
+        ``probe``: the views a recovering model must answer to be ready again, within
+        ``recovery_limit_s`` (None: no limit) or liveness fails (``unrecovered``)."""
         if max_batch_views < 1 or max_queue_views < 1:
             raise ValueError("max_batch_views and max_queue_views must be positive")
         self.model_name = model_name
         self.forward_timeout_s = forward_timeout_s or None
-        self._faults = ForwardFaults(model_name, metrics, self.forward_timeout_s, probe)
+        self._faults = ForwardFaults(
+            model_name, metrics, self.forward_timeout_s, probe, recovery_limit_s
+        )
         self._run = split_on_oom(run, self._faults.count_split)
         self.max_batch_views = max_batch_views
         self.max_wait_s = max_wait_s
@@ -125,6 +129,11 @@ class ViewBatcher:
     def unready(self) -> str | None:
         """Why the model is out of readiness (a stalled forward it is recovering from)."""
         return self._faults.unready
+
+    @property
+    def unrecovered(self) -> str | None:
+        """Why the model is past its recovery limit: the process should be restarted."""
+        return self._faults.unrecovered
 
     @property
     def queued_views(self) -> float:

@@ -49,6 +49,10 @@ class Settings(BaseSettings, EngineOptions):
     request_timeout_s: float = 30.0
     preprocess_workers: int = 2
     forward_timeout_s: float = Field(default=30.0, ge=0)  # watchdog on one forward; 0: off
+    # a model out of readiness after a stalled forward this long (its probe forward not
+    # answered) fails liveness (/healthz, /v2/health/live: 503) so an orchestrator restarts
+    # the process; 0: never
+    recovery_limit_s: float = Field(default=120.0, ge=0)
     body_read_timeout_s: float = 15.0  # per body chunk; ends slow-loris uploads
     body_min_rate_bytes_s: float = 50_000.0  # whole body: read_timeout + 1 s per this many bytes
 

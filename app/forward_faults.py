@@ -1,13 +1,15 @@
 """What a forward's faults do (docs/reliability.md): out of memory splits the batch in halves
 until it fits; a worker that dies is replaced and its batch run once more; a forward past the
 watchdog's limit takes the model out of readiness until a probe forward answers on a fresh
-worker; each event is counted. The batcher (app/batching.py) calls these; the supervised
+worker, and past the recovery limit out of liveness too (an orchestrator restarts the
+process); each event is counted. The batcher (app/batching.py) calls these; the supervised
 threads are app/forward_workers.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -72,14 +74,23 @@ class ForwardFaults:
     model must answer, why it is out of readiness while it is, and the fault metrics."""
 
     def __init__(self, model_name: str, metrics: Metrics | None, timeout_s: float | None,
-                 probe: torch.Tensor | None) -> None:  # fmt: skip
+                 probe: torch.Tensor | None, recovery_limit_s: float | None = None,
+                 ) -> None:  # fmt: skip
         self.model_name, self.metrics, self.timeout_s = model_name, metrics, timeout_s
+        self.recovery_limit_s = recovery_limit_s or None
         self._probe = probe
         self._stalls: list[str] = []  # why the model is out of readiness, while it is
+        self._unrecovered: str | None = None  # why it is out of liveness, while it is
 
     @property
     def unready(self) -> str | None:
         return self._stalls[-1] if self._stalls else None
+
+    @property
+    def unrecovered(self) -> str | None:
+        """Why the model has been recovering longer than the recovery limit: the process
+        should be restarted (liveness fails), since waiting has not brought it back."""
+        return self._unrecovered
 
     async def run(self, pool: ForwardPool, run_parts: RunParts, parts: list[torch.Tensor]
                   ) -> ViewOutputs:  # fmt: skip
@@ -97,28 +108,50 @@ class ForwardFaults:
     async def recover(self, pool: ForwardPool, run_parts: RunParts, why: str) -> None:
         """Out of readiness until a probe forward answers on a fresh worker. The probe
         holds this forward's worker slot, so nothing else is scheduled on it meanwhile; it
-        has no time limit (waiting spawns no more threads), and one that raises is tried
-        again a second later."""
+        is not abandoned for another (waiting spawns no more threads), and one that raises
+        is tried again a second later. Not back within the recovery limit: out of liveness
+        as well, until it is."""
         self._stalls.append(why)
         if self.metrics:
             self.metrics.model_unready.labels(self.model_name, "forward_stalled").inc()
             self.metrics.model_ready.labels(self.model_name).set(0)
         log.error("model %s out of readiness: %s", self.model_name, why)
+        deadline = time.monotonic() + (self.recovery_limit_s or float("inf"))
         probe = self._probe
         while probe is not None:
+            attempt = asyncio.ensure_future(pool.run(run_parts, [probe], timeout_s=None))
             try:
-                await pool.run(run_parts, [probe], timeout_s=None)
+                if self._unrecovered is None:
+                    left = max(0.0, deadline - time.monotonic())
+                    await asyncio.wait({attempt}, timeout=None if left == float("inf") else left)
+                    if not attempt.done():
+                        self._give_up(why)
+                await attempt
                 break
+            except asyncio.CancelledError:
+                attempt.cancel()
+                raise
             except Exception as exc:
                 log.warning("probe forward of %s failed (%r); trying again", self.model_name, exc)
                 await asyncio.sleep(1.0)
         self._stalls.remove(why)
         if self._stalls:
             return
+        self._unrecovered = None
         if self.metrics:
             self.metrics.model_recoveries.labels(self.model_name).inc()
             self.metrics.model_ready.labels(self.model_name).set(1)
+            self.metrics.model_unrecovered.labels(self.model_name).set(0)
         log.warning("model %s ready again", self.model_name)
+
+    def _give_up(self, why: str) -> None:
+        self._unrecovered = (
+            f"not recovered within {self.recovery_limit_s:g} s of a stalled forward ({why}); "
+            "restart the process"
+        )
+        if self.metrics:
+            self.metrics.model_unrecovered.labels(self.model_name).set(1)
+        log.error("model %s: %s", self.model_name, self._unrecovered)
 
     def count_fault(self, error: ForwardError) -> None:
         if self.metrics is None:

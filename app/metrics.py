@@ -225,6 +225,12 @@ class Metrics:
             "Times a model taken out of readiness answered a probe forward and came back",
             ["model"], registry=r,
         )  # fmt: skip
+        self.model_unrecovered = Gauge(
+            "midserve_model_unrecovered",
+            "1 while a model has been out of readiness longer than recovery_limit_s: "
+            "liveness (/healthz) fails so an orchestrator restarts the process",
+            ["model"], registry=r,
+        )  # fmt: skip
         # slow and abusive clients at the HTTP layer (app/api/http_protocol.py)
         self.header_timeouts = Counter(
             "midserve_header_timeouts_total",

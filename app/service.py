@@ -137,6 +137,7 @@ class ClassifyService:
                 view_pixels=view_pixels(engine.cfg.input_size),
                 forward_timeout_s=s.forward_timeout_s,
                 probe=torch.zeros(1, 3, size, size),
+                recovery_limit_s=s.recovery_limit_s,
             )
             batcher.start()
             slot.pipeline, slot.batcher, slot.state = pipeline, batcher, "ready"
@@ -147,6 +148,7 @@ class ClassifyService:
             ).set(1)  # fmt: skip
             self.metrics.observe_plan(slot.name, engine.plan, engine.tuning)
             self.metrics.model_ready.labels(slot.name).set(1)
+            self.metrics.model_unrecovered.labels(slot.name).set(0)
             log.info("model %s ready on %s: %s", slot.name, engine.device, engine.plan.describe())
 
     def _load_and_warm(self, name: str) -> ImagePipeline:
@@ -203,6 +205,15 @@ class ClassifyService:
     def ready(self) -> bool:
         """Every served model loaded, warm and not recovering from a stalled forward."""
         return bool(self.slots) and all(s.health()[0] == "ready" for s in self.slots.values())
+
+    def unrecovered(self) -> dict[str, str]:
+        """Models past their recovery limit, and why: what liveness answers from. A model
+        still loading or that failed to load does not fail it (a restart changes neither)."""
+        return {
+            name: why
+            for name, slot in self.slots.items()
+            if slot.batcher is not None and (why := slot.batcher.unrecovered)
+        }
 
     def slot(self, name: str) -> ModelSlot:
         if name not in self.slots:

@@ -208,9 +208,14 @@ async def get_model(model: str, service: ServiceDep) -> ModelOut:
 
 
 @probes.get("/healthz", dependencies=[Depends(require_token_unless_open)])
-async def healthz() -> dict[str, str]:
-    """Alive: the process answers (models may still be loading)."""
-    return {"status": "ok"}
+async def healthz(service: ServiceDep) -> Response:
+    """Alive: the process answers (models may still be loading), and no model has stayed
+    out of readiness past ``recovery_limit_s`` after a stalled forward (503 names it: a
+    restart is what brings it back)."""
+    unrecovered = service.unrecovered()
+    if unrecovered:
+        return JSONResponse({"status": "unrecovered", "models": unrecovered}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @probes.get(

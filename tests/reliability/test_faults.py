@@ -162,3 +162,50 @@ def test_a_stalled_forward_trips_the_watchdog_and_the_model_recovers(tiny_repo: 
         assert total(m, "midserve_model_unready_total", reason="forward_stalled") == 1
         assert total(m, "midserve_model_recoveries_total") == 1
         assert total(m, "midserve_model_ready") == 1
+
+
+def wait_for(check: Any, what: str, limit_s: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_model_not_recovered_within_the_limit_fails_liveness_until_it_is(
+    tiny_repo: Path,
+) -> None:
+    """The probe forward hangs too: past recovery_limit_s, /healthz and /v2/health/live go
+    503 naming the model, so an orchestrator restarts the process; a probe that answers
+    after all brings liveness and readiness back."""
+    with faulty_app(tiny_repo, "hang@1,hang@2", forward_timeout_s=0.3,
+                    recovery_limit_s=0.5) as client:  # fmt: skip
+        assert client.get("/healthz").status_code == 200
+        assert post(client).status_code == 503  # forward 1 stalls; the probe, forward 2, hangs
+        wait_for(lambda: client.get("/healthz").status_code == 503, "liveness did not fail")
+        body = client.get("/healthz").json()
+        assert body["status"] == "unrecovered"
+        assert "not recovered within 0.5 s" in body["models"]["tiny"]
+        assert client.get("/v2/health/live").status_code == 503
+        assert client.get("/v2/health/live").json() == {"live": False}
+        assert total(scrape(client), "midserve_model_unrecovered", model="tiny") == 1
+
+        injector(client).release()
+        wait_for(lambda: client.get("/readyz").status_code == 200, "the model did not recover")
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/v2/health/live").json() == {"live": True}
+        assert post(client, seed=1).status_code == 200
+        m = scrape(client)
+        assert total(m, "midserve_model_unrecovered", model="tiny") == 0
+        assert total(m, "midserve_model_recoveries_total") == 1
+
+
+def test_a_model_recovered_within_the_limit_never_fails_liveness(tiny_repo: Path) -> None:
+    """The probe answers at once (only the request's forward hangs): readiness dips, and
+    liveness stays 200 throughout, however long the stalled forward itself stays stuck."""
+    with faulty_app(tiny_repo, "hang@1", forward_timeout_s=0.3, recovery_limit_s=0.5) as client:
+        assert post(client).status_code == 503
+        wait_for(lambda: client.get("/readyz").status_code == 200, "the model did not recover")
+        time.sleep(0.6)  # past the limit, with forward 1 still hung
+        assert client.get("/healthz").status_code == 200
+        assert total(scrape(client), "midserve_model_unrecovered", model="tiny") == 0
+        injector(client).release()

@@ -64,8 +64,11 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/health/live", dependencies=OpenProbe)
-async def live() -> dict[str, bool]:
-    return {"live": True}
+async def live(service: ServiceDep) -> Response:
+    """As /healthz: false (503) once a model is past its recovery limit."""
+    if service.unrecovered():
+        return JSONResponse({"live": False}, status_code=503)
+    return JSONResponse({"live": True})
 
 
 @router.get("/health/ready", dependencies=OpenProbe)
