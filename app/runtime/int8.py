@@ -5,9 +5,9 @@ outputs on a real network, where int8's errors do not show).
 
 Offered only where the CPU has int8 dot-product units (VNNI or AMX), elsewhere int8 is
 emulated and slower, and only where the served policy lost at most MAX_PHOTOS_LOST held-out
-photos in int8 (the job scores it; the default model lost 2 of 51, docs/benchmarks.md).
-Measured on a 2-vCPU Xeon with avx512_vnni and no AMX
-(tf_efficientnet_lite0, one thread, 8 views): int8 about 1.8x OpenVINO bf16 and 1.6x f32.
+photos in int8 (the job scores it; the default model lost 2 of 51 until its stem was left in
+float, and none since, docs/benchmarks.md). Whether it is faster than bf16 differs by CPU
+(the tuner times it): from about 1.1x on AMX to 1.8x where bf16 is emulated.
 """
 
 from __future__ import annotations

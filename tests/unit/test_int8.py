@@ -107,6 +107,39 @@ def test_int8_calibrated_on_blank_views_is_rejected(tmp_path: Path) -> None:
     assert trial.views_per_s is None and engine.plan.dtype != "int8"
 
 
+def test_the_convolution_reading_the_pixels_stays_float_and_the_rest_is_int8(
+    tmp_path: Path,
+) -> None:
+    """The stem's input is the network's largest rounding in int8: the job leaves that
+    convolution in float, records it, and quantizes every other convolution."""
+    import json
+
+    import openvino as ov
+
+    from app.jobs.quantize.run import photos as read_photos
+    from app.jobs.quantize.run import split_views, write_int8
+    from app.runtime.int8 import int8_folder
+
+    make_tiny_model(tmp_path / "models", "tiny")
+    photos = make_image_folder(tmp_path / "photos", classes=4, per_class=10, size=(96, 80))
+    model = ModelRepository(tmp_path / "models").load("tiny", "cpu")
+    report = write_int8(model, split_views(model, read_photos(photos, model, 600), 0))
+    folder = int8_folder(model)
+    assert folder is not None
+    assert json.loads((folder / "int8.json").read_text())["float_layers"] == report["float_layers"]
+    network = ov.Core().read_model(folder / "model.xml")
+    convolutions = [op for op in network.get_ordered_ops()
+                    if op.get_type_name() in ("Convolution", "GroupConvolution")]  # fmt: skip
+    fed_by_fake_quantize = {
+        op.get_friendly_name(): op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+        for op in convolutions
+    }
+    assert report["float_layers"] == [convolutions[0].get_friendly_name()]
+    assert not fed_by_fake_quantize[report["float_layers"][0]]
+    others = [v for k, v in fed_by_fake_quantize.items() if k not in report["float_layers"]]
+    assert others and all(others)
+
+
 def test_int8_that_loses_photos_with_the_served_policy_is_not_offered(tmp_path: Path) -> None:
     """A quantized network that agrees view by view, but whose served policy (gate included)
     answered more held-out photos wrongly than the float path: not a tuning candidate."""
