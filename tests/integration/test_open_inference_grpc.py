@@ -4,6 +4,7 @@ raw_input_contents, class_count, the bearer token in the metadata, and /v1's ans
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +26,26 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 VIEWS, SEED = "fixed:5,random:3", 11
 
 
+GRPC_BIND_FAILED = "Failed to bind to address"  # grpc's words when its port was taken
+START_TRIES = 3
+
+
 @pytest.fixture(scope="module")
-def servers(tiny_repo: Path) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    env = {"MIDSERVE_GRPC_PORT": str(port), "MIDSERVE_AUTH_TOKENS": f'["{TOKEN}"]'}
-    with running_server(tiny_repo, env=env) as base:
+def servers(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A server with gRPC on a free port. The port is chosen before the server binds it,
+    seconds later (imports, model load): another socket can take it meanwhile, and then
+    only that start is tried again, on new ports; any other start failure fails the test."""
+    with contextlib.ExitStack() as stack:
+        for attempt in range(START_TRIES):
+            port = free_port()
+            env = {"MIDSERVE_GRPC_PORT": str(port), "MIDSERVE_AUTH_TOKENS": f'["{TOKEN}"]'}
+            log = tmp_path_factory.mktemp("grpc") / "server.log"  # its tail is in a failure
+            try:
+                base = stack.enter_context(running_server(tiny_repo, env=env, log_path=log))
+                break
+            except RuntimeError as exc:
+                if GRPC_BIND_FAILED not in str(exc) or attempt == START_TRIES - 1:
+                    raise
         yield base, f"127.0.0.1:{port}"
 
 
