@@ -13,9 +13,7 @@ from typing import Any
 from PIL import Image
 
 from app.bench.server_load import HttpRound, http_load, summarize_rounds
-from app.repository import ModelRepository
-from app.runtime.load import load_engine
-from app.runtime.plan import EngineOptions
+from app.runtime.engine import Engine
 from app.runtime.tuning.tuner import measure
 from app.serve_process import serve_process
 
@@ -39,9 +37,10 @@ def resized_jpegs(images: list[bytes], size: tuple[int, int], count: int) -> lis
     return out
 
 
-def ceiling_phase(models_dir: Path, model_name: str, images: list[bytes], duration_s: float,
-                  env: dict[str, str], out: dict[str, Any]) -> None:  # fmt: skip
-    """Rounds of: the served plan's raw forward, then each workload on both servers."""
+def ceiling_phase(models_dir: Path, model_name: str, engine: Engine, images: list[bytes],
+                  duration_s: float, env: dict[str, str], out: dict[str, Any]) -> None:  # fmt: skip
+    """Rounds of: the served plan's raw forward (``engine``, tuned as the served server
+    tunes: ``env`` gives it the same budget and cache), then each workload on both servers."""
     uploads = {
         "imagenet": images,
         "12mp": resized_jpegs(images, (4000, 3000), 8),
@@ -54,8 +53,6 @@ def ceiling_phase(models_dir: Path, model_name: str, images: list[bytes], durati
         "center_12mp_c8": ("12mp", "center", 8),
         "center_thumbnail_c8": ("thumbnail", "center", 8),
     }
-    engine = load_engine(ModelRepository(models_dir), model_name,
-                         EngineOptions(device=env.get("MIDSERVE_DEVICE"), tune=True))  # fmt: skip
     out["served_plan"] = engine.plan.describe()
     raw: list[float] = []
     rounds: dict[str, list[HttpRound]] = {

@@ -59,6 +59,15 @@ GATED_POLICIES = {
 }
 
 
+def tuning_env(args: argparse.Namespace) -> dict[str, str]:
+    """The bench's tuning budget and cache for the servers it starts: the same key, so a
+    server loads the plan the bench tuned and measured instead of tuning its own."""
+    env = {"MIDSERVE_TUNE_SECONDS": str(args.tune_seconds)}
+    if args.tune_cache_dir:
+        env["MIDSERVE_TUNE_CACHE_DIR"] = str(args.tune_cache_dir)
+    return env
+
+
 def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, images: list[bytes],
                spec: ViewSpec, out: dict[str, Any]) -> None:  # fmt: skip
     """The same pipeline behind a real server, batched (and, with --http-matrix, not),
@@ -71,8 +80,7 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
         env["MIDSERVE_DTYPE"] = args.dtype
     if args.compile:
         env["MIDSERVE_COMPILE"] = "true"
-    if args.tune_cache_dir:
-        env["MIDSERVE_TUNE_CACHE_DIR"] = str(args.tune_cache_dir)
+    env.update(tuning_env(args))
     params = {"views": str(spec), "level": args.level}
     # batched: the server's own defaults; unbatched: requests never share a forward
     settings = {"batched": {},
@@ -265,8 +273,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         from app.bench.ceiling import ceiling_phase
 
         ceiling: dict[str, Any] = {"model": args.model, "device": str(device)}
-        env = {"MIDSERVE_DEVICE": str(device)}
-        ceiling_phase(settings.models_dir, args.model, images, d, env, ceiling)
+        env = {"MIDSERVE_DEVICE": str(device), **tuning_env(args)}
+        engine = tuned(model, args.tune_seconds, args.tune_cache_dir)
+        ceiling_phase(settings.models_dir, args.model, engine, images, d, env, ceiling)
         print_table(ceiling)
         return ceiling
     out: dict[str, Any] = {"model": args.model, "device": str(device), "dtype": options.dtype,
