@@ -13,8 +13,8 @@ from app.repository import ModelRepository
 from app.runtime.engine import Engine
 from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions, ForwardPlan
-from app.runtime.tuning.report import TuningReport
-from app.runtime.tuning.tuner import numeric_paths, tuned_engine
+from app.runtime.tuning.report import Trial, TuningReport
+from app.runtime.tuning.tuner import chosen_plan, numeric_paths, tuned_engine
 from tests.helpers import make_tiny_model
 
 
@@ -126,3 +126,26 @@ def test_a_backend_that_is_not_installed_is_skipped_with_a_log_line(
     plan = dataclasses.replace(EngineOptions().forward_plan("cpu"), backend="openvino")
     forced = Engine(ModelRepository(tiny_repo).load("tiny", "cpu"), EngineOptions(), plan)
     assert forced.plan.backend == "torch" and "runs on torch" in caplog.text
+
+
+def _timed(rates: dict[tuple[str, int, int, int], float], default: ForwardPlan) -> list[Trial]:
+    """Measured trials: (dtype, workers, threads, chunk_views) -> views/s, and the default."""
+    trials = [
+        Trial(ForwardPlan(w, t, c, dtype, "openvino"), views_per_s=v, status="measured")
+        for (dtype, w, t, c), v in rates.items()
+    ]
+    return [*trials, Trial(default, views_per_s=500.0, status="measured", default=True)]
+
+
+def test_of_plans_as_fast_within_noise_the_most_views_per_forward_is_served() -> None:
+    """Raw timing misses what serving pays per forward: at equal speed, larger forwards."""
+    default = ForwardPlan(2, 1, 8, "bfloat16", "torch")
+    near = {("int8", 2, 1, 4): 678.0, ("int8", 2, 1, 8): 672.0, ("int8", 2, 1, 16): 626.0}
+    assert chosen_plan(_timed(near, default)) == ForwardPlan(2, 1, 8, "int8", "openvino")
+    apart = {**near, ("int8", 2, 1, 8): 600.0}  # more than noise slower: the fastest
+    assert chosen_plan(_timed(apart, default)) == ForwardPlan(2, 1, 4, "int8", "openvino")
+    # only on the fastest plan's own path and team: another team's large forward is not it
+    other_team = {**apart, ("int8", 1, 2, 16): 670.0, ("bfloat16", 2, 1, 16): 675.0}
+    assert chosen_plan(_timed(other_team, default)) == ForwardPlan(2, 1, 4, "int8", "openvino")
+    slow = {("int8", 2, 1, 4): 510.0, ("int8", 2, 1, 16): 505.0}  # within noise of the default
+    assert chosen_plan(_timed(slow, default)) == default
