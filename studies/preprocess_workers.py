@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,13 +66,12 @@ def main() -> None:
     if not photos:
         raise SystemExit(f"no .JPEG photos under {args.images}")
     n = cores()
-    pools: dict[str, Callable[[], Executor]] = {
-        "1_thread": lambda: ThreadPoolExecutor(1),
-        f"{n}_threads": lambda: ThreadPoolExecutor(n),
-        f"{n}_processes": lambda: ProcessPoolExecutor(n),
+    opened: dict[str, Executor] = {
+        "1_thread": ThreadPoolExecutor(1),
+        f"{n}_threads": ThreadPoolExecutor(n),
+        f"{n}_processes": ProcessPoolExecutor(n),
     }
-    opened = {name: make() for name, make in pools.items()}
-    rates: dict[str, list[float]] = {f"{p} {w}": [] for p in POLICIES for w in pools}
+    rates: dict[str, list[float]] = {f"{p} {w}": [] for p in POLICIES for w in opened}
     try:
         for pool in opened.values():  # load the model and warm each worker, untimed
             rate(pool, photos[: 4 * n], "center")

@@ -17,6 +17,7 @@ from app.repository import LoadedModel
 from app.request import ClassifyRequest, check_level
 from app.runtime.backends import backend_missing
 from app.runtime.engine import Engine
+from app.runtime.int8 import int8_missing
 from app.runtime.plan import EngineOptions
 from app.runtime.tuning.tuner import measure, tuned_engine
 from app.tta.views import ViewSpec
@@ -25,17 +26,20 @@ PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"),
          ("openvino", "bfloat16")]  # fmt: skip
 
 
-def raw_by_backend(model: LoadedModel, chunk: int, duration_s: float,
-                   rounds: int = 3) -> dict[str, float]:  # fmt: skip
-    """Views/s of the served network alone, one forward at a time on one thread, per
-    backend and dtype; interleaved rounds, medians."""
+def raw_by_backend(model: LoadedModel, chunk: int, duration_s: float, rounds: int = 3,
+                   team: tuple[int, int] = (1, 1)) -> dict[str, float]:  # fmt: skip
+    """Views/s of the served network alone per backend and dtype, OpenVINO int8 included
+    where the model's entry has one this CPU runs; ``team`` (workers, threads) forwarding at
+    once, one forward on one thread by default; interleaved rounds, medians."""
     engines: dict[str, Engine] = {}
-    for backend, dtype in PATHS:
+    int8 = [("openvino", "int8")] if int8_missing(model) is None else []
+    for backend, dtype in PATHS + int8:
         if backend_missing(backend) or (dtype == "bfloat16" and model.device.type != "cpu"):
             continue
         options = EngineOptions(dtype=dtype)  # type: ignore[arg-type]
+        workers, threads = team
         plan = dataclasses.replace(options.forward_plan(model.device.type), backend=backend,
-                                   workers=1, threads=1, chunk_views=chunk)  # fmt: skip
+                                   workers=workers, threads=threads, chunk_views=chunk)  # fmt: skip
         engine = Engine(model, options, plan)
         if engine.plan.backend == backend:
             engines[f"{backend}_{dtype}"] = engine
