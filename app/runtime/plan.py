@@ -63,55 +63,107 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     device: str | None = Field(
-        default=None, description="cpu | cuda | cuda:N; unset: CUDA if present"
+        default=None,
+        description="Where models run: `cpu`, `mps`, `cuda` or `cuda:N`. Unset (or `auto`): "
+        "CUDA when torch sees a GPU, else the CPU.",
     )
     dtype: DtypeName | None = Field(
         default=None,
-        description="unset: tuned (int8 where the CPU has VNNI/AMX and the entry has a "
-        "quantized model that agrees); untuned: bfloat16 on CPUs with native bf16, else float32",
+        description="The forward's numbers: float32, bfloat16 or float16 (autocast), or int8 "
+        "(the entry's quantized network, on OpenVINO). Unset: tuned (int8 where the CPU has "
+        "VNNI/AMX and the entry has a quantized network that agrees); untuned: bfloat16 on "
+        "CPUs with native bf16, else float32.",
     )
     backend: BackendName | None = Field(
         default=None,
-        description="torch | openvino (pip install 'midserve[openvino]'); unset: tuned",
+        description="The runtime that runs the network: `torch` or `openvino` (`pip install "
+        "'midserve[openvino]'`; `make install` and the image include it). A model with "
+        "batch-norm sets, or whose conversion fails, runs on torch. Unset: tuned; untuned: "
+        "torch (openvino for int8).",
     )
     compile: bool | None = Field(
-        default=None, description="torch.compile the forward; unset: tuned"
+        default=None,
+        description="`torch.compile` the forward. Unset: tuned, tried only when `TUNE_SECONDS` "
+        "is at least 120 (its warm-up is 15-30 s a shape on a small CPU); untuned: off.",
     )
     chunk_views: int | None = Field(
-        default=None, ge=1, description="views per forward; unset: tuned"
+        default=None,
+        ge=1,
+        description="Views per forward. Unset: tuned among 4, 8, 16 on a CPU (32, 64, 128 on "
+        "a GPU); untuned: 8 on a CPU, 128 on a GPU.",
     )
     forward_workers: int | None = Field(
-        default=None, ge=1, description="forwards at once; unset: 2 on a CPU with 2+ cores, else 1"
+        default=None,
+        ge=1,
+        description="Forwards run at once. Unset: tuned (1 x all cores or 2 x half of them on "
+        "a CPU); untuned: 2 on a CPU with 2+ cores, else 1.",
     )
     threads: int | None = Field(
         default=None,
         ge=1,
-        description="intra-op threads per forward; unset: cores / forward_workers",
+        description="Intra-op threads per forward. Unset: tuned; untuned: cores / "
+        "forward_workers. In a container, match the CPU limit.",
     )
     fuse: bool = Field(
-        default=True, description="inference rewrites (app/runtime/fusion.py), checked"
+        default=True,
+        description="Serve the network rewritten for inference (app/runtime/fusion.py): batch "
+        "norms folded, TF SAME padding made static and, on a CPU, each activation fused into "
+        "its convolution; checked against the original at load, which is served if they differ.",
     )
     jpeg_draft: bool = Field(
         default=True,
-        description="decode large JPEGs at 1/2-1/8 scale, keeping at least twice the "
-        "largest resize the request's views ask for",
+        description="Decode a large JPEG at 1/2-1/8 scale, keeping at least twice the largest "
+        "resize the request's views ask for (12-megapixel uploads: 4.8x the images/s, "
+        "`midserve bench --ceiling`).",
     )
     uint8_views: bool = Field(
         default=True,
-        description="resize only the boxes views cover, cut them as uint8 and normalise in "
-        "the forward; false: the older path (whole image, float32 on the host)",
+        description="Resize only the boxes views cover, cut them as uint8 and normalise in "
+        "the forward; false: the older path (whole image, float32 on the host).",
     )
     int8: bool = Field(
-        default=True, description="offer the entry's int8 network (midserve quantize) to the tuner"
+        default=True,
+        description="Offer the entry's int8 network (written by `midserve quantize`) to the "
+        "tuner, which serves it only where the CPU has VNNI or AMX, it keeps float32's answers "
+        "on held-out photos and it is faster (docs/benchmarks.md).",
     )
-    warmup: bool = True
-    max_pixels: int = Field(default=DecodeLimits.max_pixels, ge=1)
-    max_aspect_ratio: float = Field(default=DecodeLimits.max_aspect_ratio, gt=0)
+    warmup: bool = Field(
+        default=True,
+        description="Run one full chunk of views through each model at load, before it is "
+        "ready, so the first request pays no set-up.",
+    )
+    max_pixels: int = Field(
+        default=DecodeLimits.max_pixels,
+        ge=1,
+        description="Largest image, width x height, read from its header before decoding; "
+        "larger ones (decompression bombs too) are refused as too large (413).",
+    )
+    max_aspect_ratio: float = Field(
+        default=DecodeLimits.max_aspect_ratio,
+        gt=0,
+        description="Longest over shortest side; a more elongated image is refused as invalid "
+        "(422): crop it first.",
+    )
     # tuning at load (app/runtime/tuning/): every plan knob set above is kept, the others
     # are timed on this machine within the budget and the result cached on disk
-    tune: bool = True
-    tune_seconds: float = Field(default=5.0, ge=0, description="timing budget per model")
-    tune_cache_dir: Path | None = Field(default=None, description="unset: ~/.cache/midserve")
+    tune: bool = Field(
+        default=True,
+        description="At load, time candidate plans for the knobs left unset (dtype, backend, "
+        "compile, chunk_views, forward_workers x threads) with the concurrency they would "
+        "serve with, and serve the fastest whose outputs agree with the plain float32 network "
+        "on fixed probes; the untuned default stays unless beaten by more than 5 %. What was "
+        "tried: `GET /v1/models/{name}` (`tuning`), the log, `midserve_forward_plan_info`. "
+        "false: serve exactly the plan the settings describe.",
+    )
+    tune_seconds: float = Field(
+        default=5.0, ge=0, description="Timing budget per model at load, in seconds."
+    )
+    tune_cache_dir: Path | None = Field(
+        default=None,
+        description="Tuned plans and converted OpenVINO models, keyed by CPU/GPU model, "
+        "cores, torch version, model weights and candidate space, so a restart does not tune "
+        "again. Unset: `$XDG_CACHE_HOME/midserve/tuning` (`~/.cache/midserve/tuning`).",
+    )
 
     @field_validator(
         "device", "dtype", "backend", "chunk_views", "forward_workers", "threads",
