@@ -12,11 +12,20 @@ import torch
 from app.labels import LabelSet
 from app.request import Level
 from app.runtime.engine import ViewOutputs
-from app.schemas import TopClass
 from app.tta.averaging import average_probabilities
 from app.tta.calibration import calibrate
 from app.tta.stages import Gate, Signal, StagedPolicy
 from app.tta.views import ViewSpec
+
+
+@dataclass(frozen=True, slots=True)
+class TopClass:
+    """One ranked class of an answer."""
+
+    index: int
+    synset: str
+    label: str
+    prob: float
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The ``midserve`` command: serve | classify | models | evaluate | finetune | bench ...
+"""The ``midserve`` command: serve | classify | models | settings | evaluate | finetune | bench ...
 
 Each subcommand lives with its concern; this module only wires argparse to them.
 """
@@ -40,6 +40,7 @@ def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     """Classify local image files; one JSON line (or a short table) per image, in order."""
+    from app.api.results import image_result
     from app.pipeline import ImagePipeline
     from app.repository import ModelRepository
     from app.request import ClassifyRequest, check_level
@@ -71,8 +72,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             continue
         total_views += len(pred.views)
         if args.json:
-            body = pred.result(file=str(path)).model_dump(exclude_unset=True)
-            print(json.dumps({"model": cfg.name, **body}))
+            print(json.dumps({"model": cfg.name, **image_result(pred, 0, str(path))}))
         else:
             best = ", ".join(f"{t.label} ({t.prob:.3f})" for t in pred.top)
             print(f"{path}: {best}  [{len(pred.views)} views, {pred.level}]")
@@ -97,13 +97,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """The settings in effect (MIDSERVE_NAME=value), or with --markdown their reference table."""
+    from pydantic import ValidationError
+
+    from app.config import Settings
+    from app.settings_doc import effective_values, markdown
+
+    if args.markdown:
+        print(markdown(), end="")
+        return 0
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise MidserveError(f"the MIDSERVE_* environment does not validate: {exc}") from exc
+    print("\n".join(effective_values(settings)))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     import uvicorn
 
-    from app.api.http_protocol import protocol_class
+    from app.api.http_protocol import event_loop, protocol_class
     from app.main import create_app
+    from app.runtime.plan import EngineOptions
 
     settings = settings_from_args(args)
     if args.models:
@@ -114,13 +133,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # handler in place that re-raise ends the process with status 0 (a clean, asked-for stop)
     # instead of -15, which supervisors would report as a crash.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    app = create_app(settings)
+    options = None
+    if args.previous_paths:
+        options = EngineOptions.from_settings(settings).with_changes(
+            jpeg_draft=False, uint8_views=False
+        )
+    app = create_app(settings, options)
     uvicorn.run(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        # h11 with a header-read timeout and the connection limit (docs/reliability.md)
+        loop=event_loop(),  # uvloop; asyncio's loop only where uvloop cannot import
+        # httptools with a header-read timeout, a head bound and the connection limit
+        # (docs/reliability.md, "Slow clients")
         http=protocol_class(
             settings.header_read_timeout_s, settings.max_connections, app.state.metrics
         ),
@@ -151,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", type=Path, default=None, help="model repository folder")
     p.set_defaults(handler=cmd_models)
 
+    p = sub.add_parser(
+        "settings",
+        help="the MIDSERVE_* settings in effect, or their reference",
+        description="MIDSERVE_NAME=value for every setting in effect (an empty value is "
+        "unset; tokens hidden); --markdown: the reference instead",
+    )
+    p.add_argument("--markdown", action="store_true",
+                   help="print docs/configuration.md: every setting, its type, default and "
+                   "what it does")  # fmt: skip
+    p.set_defaults(handler=cmd_settings)
+
     p = sub.add_parser("serve", help="run the HTTP server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -158,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--log-level", default="info")
+    # the bench's baseline, no operator's choice: whole-image float32 views, full-size JPEGs
+    p.add_argument("--previous-paths", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_serve)
 
     # the jobs' own command lines: argparse only, their work is imported when it runs

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.runtime.plan import EngineOptions
+from app.runtime.plan import ServedOptions
 
 
 def default_models_dir() -> Path:
@@ -21,9 +21,9 @@ def default_models_dir() -> Path:
     return beside if beside.is_dir() else Path.cwd() / "models"
 
 
-class Settings(BaseSettings, EngineOptions):
+class Settings(BaseSettings, ServedOptions):
     """Every setting, each declared once: the engine's (device, dtype, plan knobs, tuning,
-    decode limits) are inherited from ``EngineOptions``; the server's are below."""
+    decode limits) are inherited from ``ServedOptions``; the server's are below."""
 
     model_config = SettingsConfigDict(
         env_prefix="MIDSERVE_", env_file=None, extra="ignore", frozen=True
@@ -131,8 +131,9 @@ class Settings(BaseSettings, EngineOptions):
     fault_injection: str = Field(
         default="",
         description="Tests and drills only: faults injected into the forward (`raise@N`, "
-        "`hang@N[:S]`, `die@N`, `oom>V`; app/faults.py), read once at start-up; never set in "
-        "production, and no request can change it.",
+        "`hang@N[:S]`, `die@N`, `oom>V`) or the model's load (`hangload[:S]`; "
+        "app/serving/faults.py), read once at start-up; never set in production, and no "
+        "request can change it.",
     )
 
     # connections, at the HTTP protocol (app/api/http_protocol.py)
@@ -172,7 +173,7 @@ class Settings(BaseSettings, EngineOptions):
     @field_validator("max_batch_views", mode="before")
     @classmethod
     def _unset_server(cls, value: Any) -> Any:
-        return EngineOptions._unset(value)
+        return ServedOptions._unset(value)
 
     @model_validator(mode="after")
     def _body_fits_the_inflight_bound(self) -> Settings:

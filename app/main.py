@@ -13,14 +13,16 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.api.edge import Edge
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodyBytesInFlight, BodyLimitMiddleware, RequestCountMiddleware
+from app.api.middleware import BodyBytesInFlight, RequestMiddleware
 from app.api.routes import probes, require_token, router
 from app.api.v2.routes import router as v2_router
 from app.api.web import install_web
 from app.config import Settings, get_settings
 from app.metrics import Metrics
-from app.service import ClassifyService
+from app.runtime.plan import EngineOptions
+from app.serving.service import ClassifyService
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,15 @@ def _load_tokens(settings: Settings) -> list[str]:
     return tokens
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, options: EngineOptions | None = None) -> FastAPI:
+    """The app; ``options`` (the bench's older preparation paths) replace the engine options
+    ``settings`` give."""
     settings = settings or get_settings()
     metrics = Metrics()
-    service = ClassifyService(settings, metrics)
+    service = ClassifyService(settings, metrics, options)
 
     tokens = _load_tokens(settings)
+    edge = Edge(service, tokens)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -54,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.grpc_port:  # imported only when asked for: grpcio is an optional extra
             from app.api.v2.grpc_server import start_grpc
 
-            grpc_server = await start_grpc(service, tokens, settings.grpc_host, settings.grpc_port)
+            grpc_server = await start_grpc(edge, settings.grpc_host, settings.grpc_port)
         yield
         if grpc_server is not None:
             await grpc_server.stop(grace=settings.request_timeout_s)
@@ -72,14 +77,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
-    app.state.tokens = tokens
+    app.state.edge = edge
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(probes)
     app.include_router(v2_router)
-    app.add_middleware(RequestCountMiddleware, metrics=metrics)
     app.add_middleware(
-        BodyLimitMiddleware,
+        RequestMiddleware,
+        metrics=metrics,
         max_bytes=settings.max_body_bytes,
         read_timeout_s=settings.body_read_timeout_s,
         min_rate=settings.body_min_rate_bytes_s,

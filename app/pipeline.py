@@ -5,7 +5,8 @@ prepare (decode once, resize once, plan views, cut them as slices of one tensor)
 -> predict (average at the asked level, calibrate, top-k, view boxes, timings).
 
 The engine only turns views into features and logits; averaging and ranking happen here,
-and the edges (the JSON API, the CLI) only translate a ``Prediction``.
+and the edges (the JSON API, the protocol's tensors, the CLI) only render a ``Prediction``:
+plain typed results, no wire schema.
 """
 
 from __future__ import annotations
@@ -16,21 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.answers import GateRecord, StagedAnswers, top_classes
+from app.answers import GateRecord, StagedAnswers, TopClass, top_classes
 from app.errors import LimitExceededError
 from app.model_config import ModelConfig
 from app.request import ClassifyRequest, Level
 from app.runtime.engine import Engine, ViewOutputs
-from app.schemas import ImageResult, StageOut, TopClass, ViewBox
 from app.tta.adaptive import resolve_spec
+from app.tta.decode import SERVED_JPEG, JpegDecoding, decode_picture
 from app.tta.limits import DecodeLimits
-from app.tta.preprocess import (
-    PreparedImage,
-    ViewGroup,
-    cut_view_groups,
-    decode_image,
-    prepare_image,
-)
+from app.tta.preprocess import PreparedImage, ViewGroup, cut_view_groups, prepare_image
 from app.tta.stages import StagedPolicy, parse_policy
 from app.tta.views import (
     DEFAULT_STRIDE,
@@ -78,6 +73,17 @@ class PreparedViews:
         return self.views[self.stage_ends[self.stages_run - 1] : self.stage_ends[self.stages_run]]
 
 
+@dataclass(frozen=True, slots=True)
+class StageReport:
+    """What one stage of a staged policy did."""
+
+    spec: str
+    views: int
+    ran: bool
+    gate: str | None  # went on while SIGNAL < THRESHOLD
+    signal: float | None  # the gate signal it saw
+
+
 @dataclass
 class Prediction:
     """One image's answer, with its averaged probabilities kept for accuracy metrics."""
@@ -94,36 +100,12 @@ class Prediction:
     view_equivalents: float = 0.0
     agreement: float = 1.0  # share of the views whose own top-1 is the answer's
     temperature: float = 1.0
-    stages: list[StageOut] | None = None  # staged policies: what each stage did
+    stages: list[StageReport] | None = None  # staged policies: what each stage did
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     def ranked(self, k: int = 5) -> list[int]:
         """The ``k`` most probable class indices, best first (accuracy metrics)."""
         return self.probs.topk(min(k, self.probs.shape[0])).indices.tolist()
-
-    def result(self, index: int = 0, file: str | None = None) -> ImageResult:
-        result = ImageResult(
-            index=index,
-            file=file,
-            top=self.top,
-            level=self.level,
-            views=len(self.views),
-            view_equivalents=round(self.view_equivalents, 4),
-            agreement=round(self.agreement, 4),
-            temperature=self.temperature,
-            spec=self.spec,
-            policy=self.policy,
-            seed=self.seed,
-            view_boxes=[
-                ViewBox(kind=v.kind, flip=v.flip, box=b)
-                for v, b in zip(self.views, self.boxes, strict=True)
-            ],
-            view_top1=self.view_top1,
-            timings_ms={k: round(v * 1000.0, 3) for k, v in self.timings.items()},
-        )
-        if self.stages:  # set only here, so a plain policy's JSON has no "stages"
-            result.stages = self.stages
-        return result
 
 
 class ImagePreparer:
@@ -159,13 +141,16 @@ class ImagePreparer:
             [self.cfg.resize_size, *(self.geometry.largest_resize(s) for s in specs)]
         )
 
-    def image(self, data: bytes, draft_side: int = 0) -> tuple[PreparedImage, float]:
+    def image(
+        self, data: bytes, draft_side: int = 0, jpeg: JpegDecoding = SERVED_JPEG
+    ) -> tuple[PreparedImage, float]:
         """The decoded image (a large JPEG at no less than ``draft_side`` on its shorter
-        side), ready to be resized once per resolution; (image, decode s)."""
+        side), ready to be resized once per resolution; (image, decode s). ``jpeg``: how
+        a JPEG is decoded (studies/jpeg_decoders.py compares the ways)."""
         t0 = time.perf_counter()
-        decoded = decode_image(data, self.limits, draft_side)
+        decoded = decode_picture(data, self.limits, draft_side, jpeg)
         image = prepare_image(
-            decoded.image, self.cfg, self.device, decoded.format, decoded.original_size,
+            decoded.picture, self.cfg, self.device, decoded.format, decoded.original_size,
             self.uint8,
         )  # fmt: skip
         return image, time.perf_counter() - t0
@@ -332,7 +317,7 @@ class ImagePipeline:
         return self.predict(prepared, outputs, request, 0.0, time.perf_counter() - t0)
 
 
-def stage_report(prepared: PreparedViews) -> list[StageOut] | None:
+def stage_report(prepared: PreparedViews) -> list[StageReport] | None:
     """Each stage of a staged policy: its views, whether it ran, and the gate before it."""
     policy = prepared.policy
     if not policy.staged:
@@ -341,7 +326,7 @@ def stage_report(prepared: PreparedViews) -> list[StageOut] | None:
     for k, stage in enumerate(policy.stages):
         record = prepared.gates[k - 1] if 0 < k <= len(prepared.gates) else None
         out.append(
-            StageOut(
+            StageReport(
                 spec=str(stage.spec),
                 views=stage.spec.total,
                 ran=k < prepared.stages_run,

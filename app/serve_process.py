@@ -119,19 +119,20 @@ def serve_process(
     log_level: str = "warning",
     ready_timeout_s: float = 120.0,
     port: int | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``midserve serve`` for ``models`` (names, or one comma-separated string) in a
     subprocess on 127.0.0.1 and a free port (or ``port``: a replica restarted where its
     balancer expects it), with this environment plus ``env``; yield its base URL and process
     once /readyz answers 200 (every model loaded), or /healthz with ``wait_ready=False``;
-    then stop it (SIGTERM: a graceful shutdown)."""
+    then stop it (SIGTERM: a graceful shutdown). ``extra_args`` go to ``midserve serve``."""
     port = free_port() if port is None else port
     base = f"http://{HOST}:{port}"
     path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     probe = "/readyz" if wait_ready else "/healthz"
     with running_process(
-        serve_command(models_dir, models, port, log_level),
+        [*serve_command(models_dir, models, port, log_level), *extra_args],
         base + probe,
         env=full_env,
         log_path=log_path,

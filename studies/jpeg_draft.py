@@ -1,4 +1,4 @@
-"""Reduced-scale JPEG decoding (``MIDSERVE_JPEG_DRAFT``): time saved and predictions kept.
+"""Reduced-scale JPEG decoding (``EngineOptions.jpeg_draft``): time saved and predictions kept.
 
     PYTHONPATH=. .venv/bin/python studies/jpeg_draft.py [--scale 6] [--images 100]
 

@@ -1,8 +1,9 @@
-"""Domain errors -> HTTP status and a JSON body ``{"error": {"type", "message"}}``."""
+"""Domain errors -> each protocol's status (/v1 and /v2 HTTP, gRPC: one table) and body."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +14,7 @@ from starlette.requests import ClientDisconnect
 from app.errors import (
     ImageTooLargeError,
     InvalidRequestError,
+    LimitExceededError,
     MidserveError,
     ModelNotReadyError,
     OverloadedError,
@@ -60,31 +62,50 @@ class BodyBytesInFlightError(OverloadedError):
 UNREAD_BODY = (BodyTimeoutError, BodyTooLargeError, BodyBytesInFlightError)
 
 
-# the status of each error kind; any other error is a server bug: 500
-STATUS = {
-    "unknown_model": 404,
-    "unsupported_media_type": 415,
-    "invalid_request": 422,
-    "invalid_image": 422,
-    "too_large": 413,
-    "unauthorized": 401,
-    "request_timeout": 408,
-    "overloaded": 503,
-    "model_not_ready": 503,
-    "deadline_exceeded": 504,
-    "forward_failed": 500,
-    "forward_stalled": 503,
-    "out_of_memory": 503,
-    "forward_worker_died": 503,
-    "decode_budget": 503,
+@dataclass(frozen=True)
+class ErrorStatus:
+    """How one kind of domain error leaves each protocol's edge."""
+
+    v1: int  # /v1 JSON: {"error": {"type", "message"}}
+    v2: int  # Open Inference Protocol over REST: {"error": "message"}
+    grpc: str  # Open Inference Protocol over gRPC: a grpc.StatusCode name
+
+
+# Every domain error kind, as each protocol answers it, side by side. The protocol's
+# clients expect 400 for bad input where /v1 answers 422 (and 415 for a body that is not an
+# image); a limit (LimitExceededError, kind invalid_request) is 413 there. Any other kind is
+# a server bug: INTERNAL_ERROR.
+ERROR_STATUS: dict[str, ErrorStatus] = {
+    "invalid_request": ErrorStatus(422, 400, "INVALID_ARGUMENT"),
+    "over_limit": ErrorStatus(422, 413, "RESOURCE_EXHAUSTED"),
+    "invalid_image": ErrorStatus(422, 400, "INVALID_ARGUMENT"),
+    "unsupported_media_type": ErrorStatus(415, 400, "INVALID_ARGUMENT"),
+    "too_large": ErrorStatus(413, 413, "RESOURCE_EXHAUSTED"),
+    "unknown_model": ErrorStatus(404, 404, "NOT_FOUND"),
+    "unauthorized": ErrorStatus(401, 401, "UNAUTHENTICATED"),
+    "request_timeout": ErrorStatus(408, 408, "DEADLINE_EXCEEDED"),
+    "overloaded": ErrorStatus(503, 503, "UNAVAILABLE"),
+    "model_not_ready": ErrorStatus(503, 503, "UNAVAILABLE"),
+    "deadline_exceeded": ErrorStatus(504, 504, "DEADLINE_EXCEEDED"),
+    "forward_failed": ErrorStatus(500, 500, "INTERNAL"),
+    "forward_stalled": ErrorStatus(503, 503, "UNAVAILABLE"),
+    "out_of_memory": ErrorStatus(503, 503, "UNAVAILABLE"),
+    "forward_worker_died": ErrorStatus(503, 503, "UNAVAILABLE"),
+    "decode_budget": ErrorStatus(503, 503, "UNAVAILABLE"),
 }
+INTERNAL_ERROR = ErrorStatus(500, 500, "INTERNAL")
+
+
+def error_status(exc: MidserveError) -> ErrorStatus:
+    """The row of ``ERROR_STATUS`` that answers ``exc``."""
+    row = "over_limit" if isinstance(exc, LimitExceededError) else exc.kind
+    return ERROR_STATUS.get(row, INTERNAL_ERROR)
 
 
 def classify_error(exc: MidserveError) -> tuple[int, str]:
-    """(HTTP status, error type) of a domain error."""
-    if exc.kind in STATUS:
-        return STATUS[exc.kind], exc.kind
-    return 500, "internal_error"
+    """(/v1 status, error type) of a domain error."""
+    status = error_status(exc)
+    return status.v1, exc.kind if status is not INTERNAL_ERROR else "internal_error"
 
 
 def error_body(kind: str, message: str, **extra: object) -> dict[str, object]:
@@ -98,7 +119,7 @@ def retry_after(exc: MidserveError) -> dict[str, str]:
         return {"Retry-After": str(max(1, round(exc.retry_after_s)))}
     if isinstance(exc, ModelNotReadyError):
         return {"Retry-After": "5"}
-    if classify_error(exc)[0] == 503:
+    if error_status(exc).v1 == 503:
         return {"Retry-After": "1"}
     return {}
 
@@ -114,9 +135,16 @@ def error_headers(exc: MidserveError) -> dict[str, str]:
 
 
 def error_response(exc: MidserveError) -> JSONResponse:
-    """The JSON answer to a domain error (an ASGI app too: middleware sends it as is)."""
+    """/v1's JSON answer to a domain error (an ASGI app too: middleware sends it as is)."""
     status, kind = classify_error(exc)
     return JSONResponse(error_body(kind, str(exc)), status_code=status, headers=error_headers(exc))
+
+
+def v2_error_response(exc: MidserveError) -> JSONResponse:
+    """The Open Inference Protocol's REST answer to a domain error."""
+    return JSONResponse(
+        {"error": str(exc)}, status_code=error_status(exc).v2, headers=error_headers(exc)
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

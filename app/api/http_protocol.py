@@ -1,19 +1,32 @@
-"""uvicorn's HTTP/1.1 protocol with a header-read timeout and a connection limit.
+"""uvicorn's httptools HTTP/1.1 protocol with a header-read timeout, a bound on a request's
+head and a connection limit; and the event loop the server runs on.
 
-Why: uvicorn (0.55, h11: httptools is not installed, so that is what "auto" picks) arms a
-timer only after a response, as the keep-alive timeout, and cancels it on any byte received.
-A connection that sends nothing, or its request line and headers a byte now and then, is
-held forever; thousands of them exhaust file descriptors and memory. The request *body* is
-timed out in the app (BodyLimitMiddleware); the headers are read before the app is called,
-so their timeout has to live here.
+Why: the server runs uvicorn's httptools protocol (llhttp, a C parser) on uvloop (libuv):
+h11, uvicorn's pure-Python protocol on asyncio's loop, cost 1.4-1.7x the server CPU per
+request on routes that do little else (studies/http_protocol_cpu.py). uvicorn arms a timer
+only after a response, as the keep-alive timeout, and cancels it on any byte received. A
+connection that sends nothing, or its request line and headers a byte now and then, is held
+forever; thousands of them exhaust file descriptors and memory. The request *body* is timed
+out in the app (api/middleware.py); the headers are read before the app is called, so their
+timeout has to live here.
 
 - Every request's headers must be complete within ``header_read_timeout_s``: counted from
   the connection's opening for the first request, from the end of the previous response for
   the next ones on a kept-alive connection. Past it the connection is closed; if part of a
-  request had arrived, it first gets a 408 JSON ``request_timeout`` body. A connection on
-  which nothing at all arrived is closed without an answer, as an idle kept-alive
-  connection is: a 408 there could cross a request the client was just sending on it and be
-  read as that request's answer.
+  request had arrived (httptools began a message, at its first byte that is not the CR/LF
+  allowed between requests, and its headers are not complete), it first gets a 408 JSON
+  ``request_timeout`` body. A connection on which nothing at all arrived is closed without
+  an answer, as an idle kept-alive connection is: a 408 there could cross a request the
+  client was just sending on it and be read as that request's answer.
+- llhttp itself bounds neither the request line nor the headers (h11 stopped at 16 KiB). A
+  head over ``MAX_HEAD_BYTES`` (16 KiB) gets 431 JSON ``headers_too_large`` and its
+  connection is closed: a complete one by its URL, header names and values; an unfinished
+  one as soon as the bytes received for it pass the bound, so a fast client cannot grow one
+  without end inside the timeout. Those bytes are counted from the read the head began in; a
+  read in which a head follows bytes of another request is not counted (the parser does not
+  say where the head began), so there the bound is 16 KiB plus one read. A head pipelined
+  behind a response still being written stops the reading, and its 431 follows that
+  response.
 - A request arriving while more than ``max_connections`` connections are open (its own
   included), or more requests than that are still running (those of clients that left
   included), is answered 503 ``too_many_connections`` (JSON, ``Retry-After: 1``) and its
@@ -27,17 +40,36 @@ settings and metrics (uvicorn instantiates the class itself, with its own argume
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 from typing import Any
 
-import h11
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.config import Config
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.api.errors import error_body
 from app.metrics import Metrics
+
+MAX_HEAD_BYTES = 16 * 1024  # a request line + headers; h11's default bound
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing the connection."""
+
+
+# where the parser is in the request it reads: between requests, in its head, past its head
+_IDLE, _HEAD, _BODY = 0, 1, 2
+
+
+def event_loop() -> str:
+    """uvicorn's ``loop`` setting: uvloop where it imports, else asyncio's own loop."""
+    try:
+        importlib.import_module("uvloop")
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
 
 
 def _json(kind: str, message: str) -> bytes:
@@ -46,19 +78,20 @@ def _json(kind: str, message: str) -> bytes:
 
 def protocol_class(
     header_read_timeout_s: float, max_connections: int | None, metrics: Metrics
-) -> type[H11Protocol]:
-    """The H11Protocol subclass for ``uvicorn.run(http=...)``: headers timed out after
+) -> type[HttpToolsProtocol]:
+    """The HttpToolsProtocol subclass for ``uvicorn.run(http=...)``: headers timed out after
     ``header_read_timeout_s`` (0: never), requests past ``max_connections`` (None: no
-    limit) refused, both counted in ``metrics``."""
+    limit) refused, both counted in ``metrics``; heads over ``MAX_HEAD_BYTES`` refused."""
     timeout_body = _json(
         "request_timeout", f"request headers not received within {header_read_timeout_s:g} s"
     )
+    head_body = _json("headers_too_large", f"request line and headers over {MAX_HEAD_BYTES} bytes")
     refusal_body = _json(
         "too_many_connections",
         f"more than {max_connections} connections are open; retry after Retry-After",
     )
 
-    class MidserveH11Protocol(H11Protocol):
+    class MidserveHttpToolsProtocol(HttpToolsProtocol):
         def __init__(
             self,
             config: Config,
@@ -68,6 +101,10 @@ def protocol_class(
         ) -> None:
             super().__init__(config, server_state, app_state, _loop)
             self._header_timer: asyncio.TimerHandle | None = None
+            self._reading = _IDLE
+            self._heads_begun = 0  # requests whose first byte arrived, on this connection
+            self._head_bytes = 0  # of the unfinished head, as counted (module docstring)
+            self._head_refused = False  # a head over MAX_HEAD_BYTES: 431, then closed
             if max_connections is not None:
                 self._inner_app = self.app
                 self.app = self._admit
@@ -84,45 +121,95 @@ def protocol_class(
                 self._header_timer = None
 
         def _awaiting_headers(self) -> bool:
-            """No request is being answered: the next one's headers are awaited."""
-            return self.cycle is None or self.cycle.response_complete
+            """No request is being answered or queued: the next one's headers are awaited.
+            (``self.cycle`` is the last request whose headers completed.)"""
+            cycle = self.cycle
+            return cycle is None or cycle.response_complete
+
+        def _answer_and_close(self, status: bytes, body: bytes) -> None:
+            head = [b"HTTP/1.1 " + status]
+            head += [k + b": " + v for k, v in self.server_state.default_headers]
+            head += [b"content-type: application/json",
+                     b"content-length: " + str(len(body)).encode(),
+                     b"connection: close"]  # fmt: skip
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            self.transport.close()
 
         def _expire(self) -> None:
             self._header_timer = None
             if self.transport.is_closing() or not self._awaiting_headers():
                 return
-            buffered, _ = self.conn.trailing_data  # bytes of a request h11 is still parsing
-            partial = bool(buffered.strip()) and self.conn.our_state is h11.IDLE
+            partial = self._reading == _HEAD
             metrics.header_timeouts.labels("partial" if partial else "idle").inc()
             if partial:
-                head = [b"HTTP/1.1 408 Request Timeout"]
-                head += [k + b": " + v for k, v in self.server_state.default_headers]
-                head += [b"content-type: application/json",
-                         b"content-length: " + str(len(timeout_body)).encode(),
-                         b"connection: close"]  # fmt: skip
-                self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + timeout_body)
-            self.transport.close()
+                self._answer_and_close(b"408 Request Timeout", timeout_body)
+            else:
+                self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self._header_timer is None:
-                return
-            if not self._awaiting_headers() or self.transport.get_protocol() is not self:
-                self._disarm()  # headers complete (or upgraded to a WebSocket)
-
-        def on_response_complete(self) -> None:
-            # armed before uvicorn starts a pipelined request: its handle_events disarms
-            if not self.transport.is_closing():
-                self._arm()
-            super().on_response_complete()
-
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # starts a pipelined request already parsed
+            if self.transport.is_closing() or not self._awaiting_headers():
+                return
+            if self._head_refused:  # found while this response was being written
+                self._answer_and_close(b"431 Request Header Fields Too Large", head_body)
+            else:
+                self._arm()
+
+        # -- where the parser is (httptools' callbacks) -----------------------------------
+        def on_message_begin(self) -> None:
+            self._reading = _HEAD
+            self._heads_begun += 1
+            self._head_bytes = 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._reading = _BODY
+            self._disarm()
+            if len(self.url) + sum(len(k) + len(v) for k, v in self.headers) > MAX_HEAD_BYTES:
+                self._head_refused = True
+                raise _HeadTooLarge  # stops the parser; uvicorn answers send_400_response
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._reading = _IDLE
+            super().on_message_complete()
+
+        # -- the bound on a request's head ------------------------------------------------
+        def data_received(self, data: bytes) -> None:
+            if self._head_refused:
+                return  # dropped: the connection is closed once its answer can be written
+            reading, begun = self._reading, self._heads_begun
+            super().data_received(data)
+            if self._reading != _HEAD or self.transport.is_closing():
+                return
+            if self._heads_begun == begun:  # the whole read continues one head
+                self._head_bytes += len(data)
+            elif self._heads_begun == begun + 1 and reading == _IDLE:  # only CR/LF before it
+                self._head_bytes = len(data.lstrip(b"\r\n"))
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._head_refused = True
+                self._refuse_head()
+
+        def send_400_response(self, msg: str) -> None:
+            if self._head_refused:  # the parser stopped by on_headers_complete
+                self._refuse_head()
+            else:
+                super().send_400_response(msg)
+
+        def _refuse_head(self) -> None:
+            if self._awaiting_headers():
+                self._disarm()
+                self._answer_and_close(b"431 Request Header Fields Too Large", head_body)
+            else:  # a response is being written: no more reads; answered once it is complete
+                self.flow.pause_reading()
 
         # -- the connection limit ---------------------------------------------------------
         async def _admit(
@@ -142,4 +229,4 @@ def protocol_class(
             })  # fmt: skip
             await send({"type": "http.response.body", "body": refusal_body, "more_body": False})
 
-    return MidserveH11Protocol
+    return MidserveHttpToolsProtocol

@@ -1,5 +1,6 @@
-"""ASGI middleware: request-body limits (size, slow senders, bytes in flight over every
-request) and request counting."""
+"""The app's one ASGI layer of its own: every request counted, its body bounded (size, slow
+senders, bytes in flight over every request). One layer, not one per concern: each layer
+is a coroutine and a wrapped ``send`` per request on the event loop."""
 
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ class BodyBytesInFlight:
         self._gauge.set(self.held)
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` (413), senders that stall or dribble (408), and
-    bodies that would take the bytes held by every request in flight over ``in_flight``'s
-    bound (503 ``overloaded`` with Retry-After).
+class RequestMiddleware:
+    """``midserve_requests_total{route, status}`` for every request (the route template as
+    label), and the body rules: refuse bodies over ``max_bytes`` (413), senders that stall
+    or dribble (408), and bodies that would take the bytes held by every request in flight
+    over ``in_flight``'s bound (503 ``overloaded`` with Retry-After).
 
     A declared Content-Length is checked before any byte is read: over the limit, 413; else
     it is reserved whole in ``in_flight`` (503 when it does not fit: answered at once, the
@@ -63,12 +65,14 @@ class BodyLimitMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        metrics: Metrics,
         max_bytes: int,
         read_timeout_s: float,
         min_rate: float = 50_000.0,
         in_flight: BodyBytesInFlight | None = None,
     ) -> None:
         self.app = app
+        self.requests = metrics.requests
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
         self.min_rate = min_rate
@@ -78,6 +82,22 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        status = 500
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._bounded(scope, receive, counted)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.requests.labels(template, str(status)).inc()
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         length = int(declared) if declared is not None and declared.isdigit() else 0
         body = _Body(self, receive)
@@ -102,7 +122,7 @@ class _Body:
     """One request's body as the app receives it: the size limit, the slow-client rules,
     and the bytes it holds in the bound in flight."""
 
-    def __init__(self, limits: BodyLimitMiddleware, receive: Receive) -> None:
+    def __init__(self, limits: RequestMiddleware, receive: Receive) -> None:
         self.limits = limits
         self._receive = receive
         self.received = 0
@@ -127,7 +147,9 @@ class _Body:
         self.started = now if self.started is None else self.started
         budget = self.started + limits.read_timeout_s + self.received / limits.min_rate - now
         try:
-            message = await asyncio.wait_for(self._receive(), min(limits.read_timeout_s, budget))
+            # a deadline on this task, not wait_for's new task per chunk
+            async with asyncio.timeout(min(limits.read_timeout_s, budget)):
+                message = await self._receive()
         except TimeoutError as exc:
             raise BodyTimeoutError(
                 f"request body not received within {limits.read_timeout_s:g} s (at least "
@@ -166,30 +188,3 @@ class _Body:
             await send({"type": "http.response.body", "body": b""})
 
         return lingering_send
-
-
-class RequestCountMiddleware:
-    """``midserve_requests_total{route, status}`` with the route template as label."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(template, str(status)).inc()

@@ -8,7 +8,8 @@ from app.api.params import top_k_limit
 from app.errors import MidserveError
 from app.runtime.tuning.report import TuningReport
 from app.schemas import ModelOut, TuningOut, TuningTrialOut
-from app.service import ClassifyService, ModelSlot
+from app.serving.models import ModelSlot
+from app.serving.service import ClassifyService
 
 
 def model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:

@@ -10,7 +10,7 @@ which parameter is wrong. No torch in here.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, cast
 
@@ -257,13 +257,15 @@ def domain_error(exc: ValidationError, context: QueryContext | None) -> InvalidR
     return InvalidRequestError(f"{name}: {err['msg']}")
 
 
-def merge_params(raw: Mapping[str, Sequence[str]], cfg: ModelConfig) -> dict[str, Any]:
-    """The raw values as ``ClassifyQuery`` input: each parameter's non-empty values (an
-    empty one counts as absent), with the model's default views (unless crops are given)
-    and level filled in."""
+def merge_params(raw: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """The given values as ``ClassifyQuery`` input: each parameter's non-empty values (an
+    empty one counts as absent; /v1 gives lists of text, the Open Inference Protocol one
+    typed value, or a list of labels), with the model's default views (unless crops are
+    given) and level filled in."""
     values: dict[str, Any] = {}
     for name in PARAM_NAMES:
-        given = [v for v in raw.get(name, ()) if v != ""]
+        value = raw.get(name, ())
+        given = [v for v in (value if isinstance(value, list | tuple) else [value]) if v != ""]
         if given:
             values[name] = given
     if "crops" not in values:
@@ -321,13 +323,14 @@ class ClassifyParams:
 
 
 def parse_classify_params(
-    raw: Mapping[str, Sequence[str]],
+    raw: Mapping[str, Any],
     cfg: ModelConfig,
     labels: LabelSet,
     settings: Settings,
     n_images: int,
 ) -> ClassifyParams:
-    """``raw`` maps each parameter name to its values (query and form merged)."""
+    """``raw`` maps each parameter name to its values: /v1's text (query and form merged)
+    or the protocol's typed values; both are checked by the one model."""
     values = merge_params(raw, cfg)
     context = QueryContext(
         settings.max_views_per_request, top_k_limit(cfg.num_classes, settings), labels, n_images

@@ -1,91 +1,74 @@
-"""Routes: classify, model listing, probes, metrics. Routes translate HTTP to the service
-and back: no tensors and no metrics observed in here."""
+"""/v1: classify, model listing, probes, metrics. A codec around the edge contract
+(api/edge.py): multipart or raw image bytes and query text in, JSON out; no tensors, no
+metrics observed, no token or readiness rule of its own in here."""
 
 from __future__ import annotations
 
-import hmac
-import time
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import (
-    UnauthorizedError,
-    UnsupportedMediaError,
-    classify_error,
-    error_body,
-    error_response,
-)
+from app.api.edge import ClassifyCall, Edge
+from app.api.errors import UnsupportedMediaError
 from app.api.model_info import model_out, safe_model_out
-from app.api.params import PARAM_NAMES, classify_openapi, parse_classify_params
+from app.api.params import PARAM_NAMES, classify_openapi
+from app.api.results import classify_answer
 from app.config import Settings
-from app.errors import (
-    InvalidImageError,
-    InvalidRequestError,
-    LimitExceededError,
-    MidserveError,
-)
-from app.schemas import (
-    ClassifyResponse,
-    ErrorDetail,
-    ErrorResponse,
-    ImageResult,
-    ModelList,
-    ModelOut,
-    Readiness,
-)
-from app.service import ClassifyService, Outcome
+from app.errors import InvalidImageError, InvalidRequestError, LimitExceededError
+from app.schemas import ClassifyResponse, ErrorResponse, ModelList, ModelOut, Readiness
+from app.serving.service import ClassifyService
 
-router = APIRouter()
-probes = APIRouter()
+
+def edge_of(request: Request) -> Edge:
+    return request.app.state.edge
 
 
 def _service(request: Request) -> ClassifyService:
     return request.app.state.service
 
 
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-# typed dependencies: what a route needs is in its signature
-ServiceDep = Annotated[ClassifyService, Depends(_service)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
-
-
 def require_token(request: Request) -> None:
-    """Bearer-token check when tokens are configured; constant time over every token."""
-    check_bearer(request.app.state.tokens, request.headers.get("authorization", ""))
-
-
-def check_bearer(tokens: list[str], authorization: str) -> None:
-    """``authorization`` (``Bearer <token>``) against the tokens; none configured: open.
-    Shared by REST (the header) and gRPC (the metadata)."""
-    if not tokens:
-        return
-    scheme, _, given = authorization.partition(" ")
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(given.strip().encode(), token.encode())
-    if scheme.lower() != "bearer" or not ok:
-        raise UnauthorizedError("missing or invalid bearer token")
+    """Bearer-token check when tokens are configured (the edge's one rule)."""
+    edge_of(request).authorize(request.headers.get("authorization", ""))
 
 
 def require_token_unless_open(request: Request) -> None:
-    if not _settings(request).open_probes:
-        require_token(request)
+    edge_of(request).authorize_probe(request.headers.get("authorization", ""))
 
 
-async def read_images(
-    request: Request, settings: Settings
-) -> tuple[list[tuple[str | None, bytes]], dict[str, list[str]]]:
-    """The uploaded images (multipart field ``images`` or a raw image body) and form fields."""
+class EdgeRoute(APIRoute):
+    """A hot route: its endpoint is called with the request and the path parameters, no
+    dependency solved per request (the endpoint asks the edge for tokens and the rest).
+    The OpenAPI document is still built from the endpoint's signature, ``response_model``,
+    ``responses`` and ``openapi_extra``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            response: Response = await endpoint(request, **request.path_params)
+            return response
+
+        return handler
+
+
+router = APIRouter()
+probes = APIRouter()
+
+
+async def read_images(request: Request, settings: Settings) -> ClassifyCall:
+    """The uploaded images (multipart field ``images`` or a raw image body) and the
+    parameters: query text, and form fields merged after it."""
     ctype = request.headers.get("content-type", "").lower()
-    fields: dict[str, list[str]] = {}
+    raw: dict[str, list[str]] = {}
+    for key, text in request.query_params.multi_items():
+        raw.setdefault(key, []).append(text)
     if ctype.startswith("multipart/form-data"):
         limit = settings.max_images_per_request
         try:
@@ -95,22 +78,24 @@ async def read_images(
                 msg = f"too many files: at most {limit} images per request"
                 raise LimitExceededError(msg) from exc
             raise InvalidRequestError(f"malformed multipart body: {exc.detail}") from exc
-        images: list[tuple[str | None, bytes]] = []
+        images: list[bytes] = []
+        files: list[str | None] = []
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != "images":
                     raise InvalidRequestError(f"file in field {key!r}; upload images as 'images'")
-                images.append((value.filename, await value.read()))
+                images.append(await value.read())
+                files.append(value.filename)
             elif key in PARAM_NAMES:
-                fields.setdefault(key, []).append(value)
+                raw.setdefault(key, []).append(str(value))
         if not images:
             raise InvalidRequestError("multipart body has no file in the field 'images'")
-        return images, fields
+        return ClassifyCall(images, raw, files)
     if ctype.startswith("image/") or ctype.startswith("application/octet-stream"):
         body = await request.body()
         if not body:
             raise InvalidImageError("empty body: no image bytes received")
-        return [(None, body)], fields
+        return ClassifyCall([body], raw, [None])
     raise UnsupportedMediaError(
         f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with files "
         "in the field 'images', or a raw image body with Content-Type image/*"
@@ -120,75 +105,34 @@ async def read_images(
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 408, 413, 415, 422, 503, 504)}
 
 
-@router.post(
+async def classify(request: Request, model: str) -> Response:
+    edge = edge_of(request)
+    edge.authorize(request.headers.get("authorization", ""))
+
+    async def read() -> ClassifyCall:
+        return await read_images(request, edge.settings)
+
+    done = await edge.classify(model, None, "v1", read)
+    call = done.call
+    return classify_answer(
+        done.model, done.outcomes, call.files, done.params.labels, done.status, done.elapsed_ms
+    )
+
+
+router.add_api_route(
     "/v1/models/{model}/classify",
+    classify,
+    methods=["POST"],
     response_model=ClassifyResponse,
     responses=ERRORS,  # type: ignore[arg-type]
     openapi_extra=classify_openapi(),
-    dependencies=[Depends(require_token)],
     summary="Classify images with matched test-time views",
+    route_class_override=EdgeRoute,
 )
-async def classify(
-    model: str, request: Request, service: ServiceDep, settings: SettingsDep
-) -> Response:
-    started = time.perf_counter()
-    slot = service.slot(model)
-    pipeline, _ = slot.ready()
-    engine = pipeline.engine
-    with service.observed(model) as record:
-        try:
-            images, fields = await read_images(request, settings)
-            raw: dict[str, list[str]] = {}
-            for key, value in request.query_params.multi_items():
-                raw.setdefault(key, []).append(value)
-            for key, values in fields.items():
-                raw.setdefault(key, []).extend(values)
-            labels = engine.model.labels
-            params = parse_classify_params(raw, engine.cfg, labels, settings, len(images))
-            record.level = params.request.level
-            deadline = started + settings.request_timeout_s
-            outcomes = await service.classify(
-                slot, [data for _, data in images], params.request, params.labels, deadline
-            )
-            response = _classify_response(slot.name, images, params.labels, outcomes, started)
-        except MidserveError as exc:
-            response = error_response(exc)
-            record.error = exc
-        record.status = response.status_code
-    return response
 
 
-def _classify_response(
-    model: str,
-    images: list[tuple[str | None, bytes]],
-    labels: list[int | None],
-    outcomes: list[Outcome],
-    started: float,
-) -> Response:
-    """Per-image results; when every image failed, the first failure's status."""
-    results: list[ImageResult] = []
-    first_error: MidserveError | None = None
-    for index, ((filename, _), label, outcome) in enumerate(
-        zip(images, labels, outcomes, strict=True)
-    ):
-        if isinstance(outcome, MidserveError):
-            first_error = first_error or outcome
-            error = ErrorDetail(type=classify_error(outcome)[1], message=str(outcome))
-            results.append(ImageResult(index=index, file=filename, error=error))
-            continue
-        result = outcome.result(index, filename)
-        if label is not None:
-            result.label = label
-        results.append(result)
-    total_ms = round((time.perf_counter() - started) * 1000.0, 3)
-    if first_error is not None and all(r.error is not None for r in results):
-        status, kind = classify_error(first_error)
-        body = error_body(kind, str(first_error))
-        body["results"] = [r.model_dump(exclude_unset=True) for r in results]
-        return JSONResponse(body, status_code=status)
-    response = ClassifyResponse(model=model, results=results, timings_ms={"total": total_ms})
-    # unset fields stay out of the JSON: a result has either its answer or its error
-    return JSONResponse(response.model_dump(exclude_unset=True))
+ServiceDep = Annotated[ClassifyService, Depends(_service)]
+EdgeDep = Annotated[Edge, Depends(edge_of)]
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_token)])
@@ -208,13 +152,14 @@ async def get_model(model: str, service: ServiceDep) -> ModelOut:
 
 
 @probes.get("/healthz", dependencies=[Depends(require_token_unless_open)])
-async def healthz(service: ServiceDep) -> Response:
+async def healthz(edge: EdgeDep) -> Response:
     """Alive: the process answers (models may still be loading), and no model has stayed
     out of readiness past ``recovery_limit_s`` after a stalled forward (503 names it: a
     restart is what brings it back)."""
-    unrecovered = service.unrecovered()
-    if unrecovered:
-        return JSONResponse({"status": "unrecovered", "models": unrecovered}, status_code=503)
+    health = edge.health()
+    if not health.live:
+        body = {"status": "unrecovered", "models": health.unrecovered}
+        return JSONResponse(body, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -224,11 +169,12 @@ async def healthz(service: ServiceDep) -> Response:
     responses={503: {"model": Readiness}},
     dependencies=[Depends(require_token_unless_open)],
 )
-async def readyz(service: ServiceDep) -> Response:
+async def readyz(edge: EdgeDep) -> Response:
     """Ready: every configured model is loaded, warmed up and not recovering from a stalled
     forward; 503 names the ones that are not, and why."""
-    body = Readiness(ready=service.ready, models=service.readiness()).model_dump()
-    return JSONResponse(body, status_code=200 if service.ready else 503)
+    health = edge.health()
+    body = {"ready": health.ready, "models": health.models}
+    return JSONResponse(body, status_code=200 if health.ready else 503)
 
 
 @probes.get("/metrics", dependencies=[Depends(require_token_unless_open)])

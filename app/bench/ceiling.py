@@ -17,11 +17,8 @@ from app.runtime.engine import Engine
 from app.runtime.tuning.tuner import measure
 from app.serve_process import serve_process
 
-PREVIOUS = {
-    "MIDSERVE_UINT8_VIEWS": "false",
-    "MIDSERVE_JPEG_DRAFT": "false",
-    "MIDSERVE_INT8": "false",
-}
+PREVIOUS = {"MIDSERVE_INT8": "false"}
+PREVIOUS_PATHS = ["--previous-paths"]  # whole-image float32 views, full-size JPEG decodes
 TEN_VIEWS = "fixed:5,mfixed:5"
 ROUNDS = 3
 
@@ -59,8 +56,8 @@ def ceiling_phase(models_dir: Path, model_name: str, engine: Engine, images: lis
         f"{w}_{s}": [] for w in workloads for s in ("served", "previous")
     }
     with serve_process(models_dir, model_name, env=env, ready_timeout_s=180) as (served, _), \
-         serve_process(models_dir, model_name, env={**env, **PREVIOUS},
-                       ready_timeout_s=180) as (previous, _):  # fmt: skip
+         serve_process(models_dir, model_name, env={**env, **PREVIOUS}, ready_timeout_s=180,
+                       extra_args=PREVIOUS_PATHS) as (previous, _):  # fmt: skip
         for r in range(ROUNDS):
             raw.append(measure(engine, engine.plan, duration_s / ROUNDS))
             for name, (kind, views, c) in workloads.items():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -57,8 +57,9 @@ class ForwardPlan:
         )
 
 
-class EngineOptions(BaseModel):
-    """Where and how a model runs. ``None``: chosen at load for this machine."""
+class ServedOptions(BaseModel):
+    """Where and how a model runs, as an operator sets it (``app.config.Settings`` inherits
+    these). ``None``: chosen at load for this machine."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -109,17 +110,6 @@ class EngineOptions(BaseModel):
         description="Serve the network rewritten for inference (app/runtime/fusion.py): batch "
         "norms folded, TF SAME padding made static and, on a CPU, each activation fused into "
         "its convolution; checked against the original at load, which is served if they differ.",
-    )
-    jpeg_draft: bool = Field(
-        default=True,
-        description="Decode a large JPEG at 1/2-1/8 scale, keeping at least twice the largest "
-        "resize the request's views ask for (12-megapixel uploads: 4.8x the images/s, "
-        "`midserve bench --ceiling`).",
-    )
-    uint8_views: bool = Field(
-        default=True,
-        description="Resize only the boxes views cover, cut them as uint8 and normalise in "
-        "the forward; false: the older path (whole image, float32 on the host).",
     )
     int8: bool = Field(
         default=True,
@@ -183,11 +173,12 @@ class EngineOptions(BaseModel):
         return value
 
     @classmethod
-    def from_settings(cls, settings: EngineOptions) -> EngineOptions:
-        """Just the engine's fields of ``app.config.Settings`` (which inherits them)."""
+    def from_settings(cls, settings: ServedOptions) -> Self:
+        """Just the engine's fields of ``app.config.Settings`` (which inherits them); the
+        code paths only the bench switches keep their defaults."""
         return cls.model_validate(settings.model_dump(include=set(cls.model_fields)))
 
-    def with_changes(self, **changes: Any) -> EngineOptions:
+    def with_changes(self, **changes: Any) -> Self:
         """A validated copy with some fields replaced; ``None`` values (unset CLI flags)
         are ignored."""
         given = {k: v for k, v in changes.items() if v is not None}
@@ -236,3 +227,21 @@ class EngineOptions(BaseModel):
             "threads": self.threads,
         }
         return {k: v for k, v in knobs.items() if v is not None}
+
+
+class EngineOptions(ServedOptions):
+    """The served options, and two older preparation paths that are no operator's choice:
+    the bench (``midserve bench --ceiling``), studies and tests switch them off to measure
+    what the served paths save."""
+
+    jpeg_draft: bool = Field(
+        default=True,
+        description="Decode a large JPEG at 1/2-1/8 scale, keeping at least twice the largest "
+        "resize the request's views ask for (12-megapixel uploads: 4.8x the images/s, "
+        "`midserve bench --ceiling`).",
+    )
+    uint8_views: bool = Field(
+        default=True,
+        description="Resize only the boxes views cover, cut them as uint8 and normalise in "
+        "the forward; false: the older path (whole image, float32 on the host).",
+    )

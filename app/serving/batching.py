@@ -16,7 +16,7 @@ Faults (docs/reliability.md): a forward that raises fails its batch (ForwardErro
 out of memory splits the batch in halves until it fits; a worker that dies is replaced and
 its batch run once more; a forward past ``forward_timeout_s`` fails its batch with
 ForwardStalledError (503), takes the model out of readiness (``unready``) and brings it
-back once a probe forward on a fresh worker answers (app/forward_workers.py).
+back once a probe forward on a fresh worker answers (app/serving/forward_workers.py).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from collections.abc import Callable
 
 import torch
 
-from app.batch_items import BatchTimings, Job, Piece
 from app.errors import ForwardError, ForwardStalledError, OverloadedError
-from app.forward_faults import ForwardFaults, split_on_oom
-from app.forward_workers import ForwardPool
 from app.metrics import Metrics
 from app.runtime.engine import ViewOutputs
+from app.serving.batch_items import BatchTimings, Job, Piece
+from app.serving.forward_faults import ForwardFaults, split_on_oom
+from app.serving.forward_workers import ForwardPool
 from app.tta.preprocess import ViewGroup
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,8 @@ a comma list of
     hang@N      the Nth forward blocks until ``release()`` (or ``hang@N:S``: for S seconds)
     die@N       the forward worker running the Nth forward dies (its thread ends)
     oom>V       every forward of more than V views runs out of memory
+    hangload    the model's load blocks until ``release()`` (or ``hangload:S``: S seconds),
+                so a test sees the server while its model is still loading
 
 Forwards are counted from 1 in the order they start, warm-up excluded; a split retry
 counts as forwards of its own. ``tests/reliability/test_faults.py`` drives each one and
@@ -28,7 +30,9 @@ import torch
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ITEM = re.compile(r"^(?:(raise|hang|die)@(\d+)(?::(\d+(?:\.\d+)?)s?)?|oom>(\d+))$")
+_ITEM = re.compile(
+    r"^(?:(raise|hang|die)@(\d+)(?::(\d+(?:\.\d+)?)s?)?|oom>(\d+)|hangload(?::(\d+(?:\.\d+)?)s?)?)$"
+)
 MAX_HANG_S = 600.0  # a hang nobody releases still ends, so no test leaves a thread behind
 
 
@@ -46,6 +50,7 @@ class FaultPlan:
     hang_at: dict[int, float] = field(default_factory=dict)  # forward -> seconds
     die_at: frozenset[int] = frozenset()
     oom_above: int = 0  # views; 0: never
+    load_hang_s: float = 0.0  # the load blocks this long (or until released); 0: never
 
     @classmethod
     def parse(cls, spec: str) -> FaultPlan | None:
@@ -53,16 +58,19 @@ class FaultPlan:
         raise_at: set[int] = set()
         die_at: set[int] = set()
         hang_at: dict[int, float] = {}
-        oom_above = 0
+        oom_above, load_hang_s = 0, 0.0
         items = [s.strip() for s in spec.split(",") if s.strip()]
         for item in items:
             m = _ITEM.match(item)
             if m is None:
                 raise ValueError(
-                    f"bad fault {item!r}: use raise@N, hang@N, hang@N:S, die@N or oom>V"
+                    f"bad fault {item!r}: use raise@N, hang@N, hang@N:S, die@N, oom>V, "
+                    "hangload or hangload:S"
                 )
-            kind, at, seconds, oom = m.groups()
-            if oom is not None:
+            kind, at, seconds, oom, load_s = m.groups()
+            if item.startswith("hangload"):
+                load_hang_s = min(float(load_s), MAX_HANG_S) if load_s else MAX_HANG_S
+            elif oom is not None:
                 oom_above = int(oom)
             elif kind == "raise":
                 raise_at.add(int(at))
@@ -72,7 +80,7 @@ class FaultPlan:
                 hang_at[int(at)] = min(float(seconds), MAX_HANG_S) if seconds else MAX_HANG_S
         if not items:
             return None
-        return cls(frozenset(raise_at), hang_at, frozenset(die_at), oom_above)
+        return cls(frozenset(raise_at), hang_at, frozenset(die_at), oom_above, load_hang_s)
 
 
 class FaultInjector:
@@ -88,6 +96,14 @@ class FaultInjector:
     def release(self) -> None:
         """End every injected hang now (a test's way to let a stuck forward return)."""
         self._release.set()
+
+    def before_load(self) -> None:
+        """Where the model's load starts: an injected ``hangload`` blocks here."""
+        if self.plan.load_hang_s:
+            log.warning("injected: the model's load hangs")
+            self.hanging.set()
+            self._release.wait(self.plan.load_hang_s)
+            self.hanging.clear()
 
     def wrap(self, run: Callable[[torch.Tensor], T]) -> Callable[[torch.Tensor], T]:
         def faulty(batch: torch.Tensor) -> T:

@@ -2,8 +2,8 @@
 until it fits; a worker that dies is replaced and its batch run once more; a forward past the
 watchdog's limit takes the model out of readiness until a probe forward answers on a fresh
 worker, and past the recovery limit out of liveness too (an orchestrator restarts the
-process); each event is counted. The batcher (app/batching.py) calls these; the supervised
-threads are app/forward_workers.py."""
+process); each event is counted. The batcher (app/serving/batching.py) calls these; the supervised
+threads are app/serving/forward_workers.py."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from app.errors import (
     ForwardStalledError,
     WorkerDiedError,
 )
-from app.forward_workers import ForwardPool
 from app.metrics import Metrics
 from app.runtime.engine import ViewOutputs
+from app.serving.forward_workers import ForwardPool
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,20 @@ import torch
 
 from app.errors import ForwardStalledError, WorkerDiedError
 from app.metrics import Metrics
+from app.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """``fn(*args)`` on the event loop, from a worker thread; dropped when the loop has
+    closed (a forward that outlived its server's shutdown has nobody left to tell)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
 
 
 @dataclass
@@ -48,7 +59,7 @@ class _Task(Generic[T]):
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(done)
+        _on_loop(self.loop, done)
 
 
 class _Worker:
@@ -62,6 +73,7 @@ class _Worker:
         )
 
     def _main(self) -> None:
+        name_os_thread()  # "forward-<model>-<n>", cut to 15 bytes: per-thread CPU shows it
         if self.pool.threads > 0:
             torch.set_num_threads(self.pool.threads)
         task: _Task[Any] | None = None
@@ -82,10 +94,10 @@ class _Worker:
             log.error("forward worker %s died: %r", self.thread.name, exc)
             if task is not None:
                 task.settle(exc=WorkerDiedError(f"the forward worker died ({exc!r})"))
-            self.pool.loop.call_soon_threadsafe(self.pool.replace, self, "died")
+            _on_loop(self.pool.loop, self.pool.replace, self, "died")
         finally:
             if self.retired:
-                self.pool.loop.call_soon_threadsafe(self.pool.stuck_returned)
+                _on_loop(self.pool.loop, self.pool.stuck_returned)
 
 
 class ForwardPool:

@@ -3,24 +3,19 @@ of those uint8 pixels, normalised inside the forward."""
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from app.errors import ImageTooLargeError, InvalidImageError
-from app.tta.limits import DecodeLimits
+from app.tta.decode import Picture
 from app.tta.views import View, resized_shape
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels of a resized image
 
-# Formats a browser or camera produces; anything else (SVG, PDF, EPS, ...) is refused.
-ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
 RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -31,6 +26,13 @@ RESAMPLE = {
 TORCH_ANTIALIASED = frozenset({"bicubic", "bilinear"})
 
 Source = Image.Image | torch.Tensor  # a decoded image: PIL, or [H, W, 3] uint8 pixels
+
+
+def picture_size(picture: Picture) -> tuple[int, int]:
+    """(width, height) of a decoded picture either way it is held."""
+    if isinstance(picture, np.ndarray):
+        return int(picture.shape[1]), int(picture.shape[0])
+    return picture.size
 
 
 def source_size(source: Source) -> tuple[int, int]:
@@ -93,8 +95,11 @@ class Resizer:
         PIL's box, and only when both sides shrink (enlarging, it differs by a few levels)."""
         return self.uint8 and not self.on_pixels and source[0] >= size[0] and source[1] >= size[1]
 
-    def source(self, img: Image.Image) -> Source:
-        """The decoded image as this resizer reads it (one copy, then PIL's can go)."""
+    def source(self, img: Picture) -> Source:
+        """The decoded image as this resizer reads it (PIL's: one copy, then it can go;
+        libjpeg-turbo's pixels: no copy)."""
+        if isinstance(img, np.ndarray):
+            return torch.from_numpy(img) if self.on_pixels else Image.fromarray(img)
         return torch.from_numpy(np.array(img, dtype=np.uint8)) if self.on_pixels else img
 
     def __call__(self, img: Source, size: tuple[int, int], box: Box) -> torch.Tensor:
@@ -226,91 +231,8 @@ class PreparedImage:
         return self.hwc.permute(2, 0, 1)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB. 16-bit and float modes are rescaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-class DecodedImage(NamedTuple):
-    image: Image.Image  # upright RGB
-    format: str
-    original_size: tuple[int, int]  # (width, height) upright, before any reduced-size decode
-
-
-def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int] | None:
-    """The size to ask a JPEG's reduced-scale (DCT) decoder for, so that the shorter side
-    stays at least ``min_side``; None when no 1/2, 1/4 or 1/8 scale could apply."""
-    if min_side <= 0 or min(width, height) < 2 * min_side:
-        return None
-    k = min_side / min(width, height)
-    return max(1, int(width * k + 0.999)), max(1, int(height * k + 0.999))
-
-
-def decode_image(data: bytes, limits: DecodeLimits, draft_min_side: int = 0) -> DecodedImage:
-    """Bytes -> upright RGB PIL image, or a domain error saying what is wrong.
-
-    ``draft_min_side``: a JPEG at least twice that on its shorter side is decoded at a
-    reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling) that keeps the shorter side at
-    least that long (studies/jpeg_draft.py: 3000 px photos prepared about 3x faster)."""
-    if not data:
-        raise InvalidImageError("empty image: no bytes received")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as exc:
-            raise InvalidImageError(
-                "not a recognised image (expected JPEG, PNG, GIF, WebP, BMP or TIFF)"
-            ) from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image has too many pixels: {exc}") from exc
-        except Exception as exc:  # PIL parses hostile bytes: any failure means unreadable
-            raise InvalidImageError(f"cannot read image header: {exc}") from exc
-        if img.format not in ALLOWED_FORMATS:
-            raise InvalidImageError(f"image format {img.format} is not accepted")
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise InvalidImageError(f"image has zero size ({width}x{height})")
-        if width * height > limits.max_pixels:
-            raise ImageTooLargeError(
-                f"image is {width}x{height} = {width * height} pixels; "
-                f"the limit is {limits.max_pixels}"
-            )
-        ratio = max(width, height) / min(width, height)
-        if ratio > limits.max_aspect_ratio:
-            raise InvalidImageError(
-                f"image is {width}x{height}, aspect ratio {ratio:.1f} > "
-                f"{limits.max_aspect_ratio:g}; crop it before classifying"
-            )
-        try:
-            img.seek(0)  # animated GIF/WebP: the first frame
-            image_format = str(img.format)
-            draft = _draft_size(width, height, draft_min_side)
-            if draft is not None and image_format in ("JPEG", "MPO"):
-                img.draft("RGB", draft)
-            img.load()
-            decoded_size = img.size
-            upright = ImageOps.exif_transpose(img) or img
-            turned = upright.size != decoded_size  # a 90-degree EXIF orientation
-            original = (height, width) if turned else (width, height)
-            return DecodedImage(_to_rgb(upright), image_format, original)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image has too many pixels: {exc}") from exc
-        except Exception as exc:  # OSError, EOFError, ... and TypeError seen from TIFF fuzzing
-            raise InvalidImageError(f"cannot decode image (truncated or corrupt?): {exc}") from exc
-
-
 def prepare_image(
-    img: Image.Image,
+    img: Picture,
     cfg: Preprocessing,
     device: torch.device,
     image_format: str = "",
@@ -320,7 +242,7 @@ def prepare_image(
     """The image ready for views at any resolution; tensors are made on first use, with
     the model's interpolation (and, unless ``uint8``, its normalisation, on ``device``).
     ``original_size``: the image's size before a reduced-scale decode, for view boxes."""
-    w, h = img.size
+    w, h = picture_size(img)
     resize = Resizer.for_model(cfg, device, uint8)
     return PreparedImage(
         original_size=original_size or (w, h),

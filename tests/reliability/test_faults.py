@@ -1,4 +1,4 @@
-"""Faults in the forward pass (app/faults.py injects them; the tiny real model serves): the
+"""Faults in the forward pass (app/serving/faults.py injects them; the tiny real model serves): the
 requests of the failed batch get a clear 5xx JSON error, or are served after a retry where
 the fault is transient; nothing else in flight is lost; each event is counted."""
 
@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.faults import FaultInjector, FaultPlan
+from app.serving.faults import FaultInjector, FaultPlan
 from tests.helpers import image_bytes
 from tests.inprocess import concurrently, in_process_app, tiny_settings
 from tests.server import scrape, total

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from app.errors import ImageTooLargeError, InvalidImageError, InvalidRequestError
-from app.tta.preprocess import DecodeLimits, decode_image
+from app.tta.decode import decode_image
+from app.tta.limits import DecodeLimits
 from app.tta.views import (
     AUTO_SPEC,
     KINDS,

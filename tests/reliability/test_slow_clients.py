@@ -189,6 +189,30 @@ def test_header_timeouts_are_counted_by_state(header_server: str) -> None:
     assert after["partial"] - before["partial"] == 1
 
 
+def test_blank_lines_before_a_request_are_not_part_of_one(header_server: str) -> None:
+    # CR/LF between requests (some clients send one after a body) does not start a request:
+    # the connection is closed as idle, with no 408 that could be read as the next answer
+    before = _header_timeouts(header_server)
+    with socket.create_connection(_address(header_server), timeout=30) as sock:
+        assert request_on(sock, HEALTHZ).status == 200
+        res, _ = trickle_on(sock, b"\r\n\r\n", every_s=0.2, max_s=HEADER_TIMEOUT_S + SLACK_S)
+    assert res.closed and res.status == 0
+    after = _header_timeouts(header_server)
+    assert after["idle"] - before["idle"] == 1 and after["partial"] == before["partial"]
+
+
+def test_a_request_head_over_16_kib_gets_431_and_the_connection_is_closed(
+    header_server: str,
+) -> None:
+    # sent at once and never finished: within the header timeout, a fast client could
+    # otherwise make the server hold an ever longer head
+    res = send_raw(header_server, ENDLESS_HEAD + b"a" * 10_000, wait_close_s=5)
+    assert res.status == 431 and res.headers["content-type"] == "application/json"
+    assert res.json()["error"]["type"] == "headers_too_large"
+    assert res.closed
+    assert httpx.get(header_server + "/healthz").status_code == 200
+
+
 def test_requests_past_the_connection_limit_get_503_and_the_connection_is_closed(
     tiny_repo: Path, tmp_path: Path
 ) -> None:

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from app.batching import ViewBatcher
 from app.errors import ForwardError, ForwardOutOfMemoryError, OverloadedError
 from app.metrics import Metrics
 from app.runtime.engine import Engine, ViewOutputs
+from app.serving.batching import ViewBatcher
 
 
 def _views(n: int, seed: int) -> torch.Tensor:
@@ -177,7 +177,7 @@ def test_out_of_memory_splits_in_halves_until_the_batch_fits(tiny_engine: Engine
     """A forward that runs out of memory runs again as two halves, each split again while
     it does not fit; rows come back in order. The ceiling (more than 4 views) stands in for
     a device's memory; one view over it is a domain error (503 out_of_memory)."""
-    from app.forward_faults import split_on_oom
+    from app.serving.forward_faults import split_on_oom
 
     sizes: list[int] = []
     splits: list[int] = []

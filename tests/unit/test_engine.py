@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
+from app.api.results import image_result
 from app.errors import InvalidRequestError
 from app.model_config import ModelConfig
 from app.runtime.engine import Engine
@@ -75,7 +76,7 @@ def test_prediction_reports_views_boxes_and_seed(tiny_engine: Engine) -> None:
         tiny_engine, data, parse_view_spec("fixed:5,random:3"), top_k=3, seed=pred.seed
     )
     assert pred.boxes == again.boxes and torch.equal(pred.probs, again.probs)
-    body = pred.result().model_dump(exclude_unset=True)
+    body = image_result(pred)
     assert body["views"] == 8 and len(body["view_boxes"]) == 8 and len(body["view_top1"]) == 8
     assert len(body["top"]) == 3
     probs = [t["prob"] for t in body["top"]]

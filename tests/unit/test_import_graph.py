@@ -192,3 +192,24 @@ def test_app_and_studies_never_import_the_test_suite() -> None:
                 if target == "tests" or target.startswith("tests."):
                     offenders.append(f"{f.relative_to(PROJECT_ROOT)} imports {target}")
     assert not offenders, offenders
+
+
+# The edges: the HTTP app and its protocols, and the commands that write /v1's JSON or speak
+# the protocol as a client (the CLI's classify, the bench's load).
+EDGE_MODULES = ("app.api", "app.main", "app.cli", "app.bench")
+WIRE_SCHEMAS = ("app.schemas", "app.api")
+
+
+def test_no_module_below_the_edge_imports_a_wire_schema() -> None:
+    """The serving core, the pipeline, the runtime and the jobs return plain typed results;
+    only the edges render them (docs/design.md, "One edge contract")."""
+    known = {module_name(f) for f in APP.rglob("*.py")}
+    offenders = []
+    for f in sorted(APP.rglob("*.py")):
+        name = module_name(f)
+        if name.startswith(EDGE_MODULES):
+            continue
+        for target in imported(f, known):
+            if target.startswith(WIRE_SCHEMAS):
+                offenders.append(f"{name} imports {target}")
+    assert not offenders, offenders

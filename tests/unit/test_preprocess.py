@@ -13,7 +13,9 @@ from PIL import Image
 
 from app.errors import ImageTooLargeError, InvalidImageError
 from app.runtime.engine import Engine
-from app.tta.preprocess import DecodeLimits, decode_image, resized_shape
+from app.tta.decode import decode_image
+from app.tta.limits import DecodeLimits
+from app.tta.preprocess import resized_shape
 from app.tta.views import parse_view_spec
 from tests.helpers import FLOAT32, classify, image_bytes, preparer
 

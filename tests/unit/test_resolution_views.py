@@ -7,12 +7,12 @@ import asyncio
 import pytest
 import torch
 
-from app.batching import ViewBatcher
 from app.errors import InvalidRequestError, LimitExceededError
 from app.metrics import Metrics
 from app.pipeline import ImagePipeline
 from app.request import ClassifyRequest
 from app.runtime.engine import Engine, ViewOutputs
+from app.serving.batching import ViewBatcher
 from app.tta.views import (
     ViewGeometry,
     full_shape,

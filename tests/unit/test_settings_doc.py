@@ -51,7 +51,7 @@ def test_the_printed_values_read_back_as_the_same_settings(
     given = Settings(
         models_dir=tmp_path, models=["a", "b"], max_top_k=7, max_wait_ms=0.5, device="cpu",
         dtype="bfloat16", compile=True, chunk_views=4, tune_cache_dir=tmp_path / "tuning",
-        grpc_host="0.0.0.0", public_docs=True, jpeg_draft=False,
+        grpc_host="0.0.0.0", public_docs=True, fuse=False,
     )  # fmt: skip
     for line in effective_values(given):
         name, _, value = line.partition("=")

@@ -1,6 +1,7 @@
 """The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), on its own
-port beside the HTTP server, with the same handlers as REST. The generated stubs are the
-ones ``tritonclient[grpc]`` ships; without that package the gRPC port cannot be enabled.
+port beside the HTTP server: a codec around the same edge contract as REST (api/edge.py).
+The generated stubs are the ones ``tritonclient[grpc]`` ships; without that package the
+gRPC port cannot be enabled.
 
 BYTES inputs come in ``raw_input_contents`` (length-prefixed elements, as the clients send
 them) or in ``contents.bytes_contents``; outputs go back in ``raw_output_contents``.
@@ -15,8 +16,16 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from app.api.routes import check_bearer
-from app.api.v2 import handlers
+from app.api.edge import MODEL_VERSION, ClassifyCall, Edge
+from app.api.errors import error_status
+from app.api.v2.infer import (
+    classification_counts,
+    classify_call,
+    model_metadata,
+    output_tensors,
+    requested_outputs,
+    server_metadata,
+)
 from app.api.v2.tensors import (
     InferRequestBody,
     InputTensor,
@@ -24,20 +33,9 @@ from app.api.v2.tensors import (
     split_bytes_elements,
 )
 from app.errors import InvalidRequestError, MidserveError
-from app.service import ClassifyService
+from app.pipeline import Prediction
 
 log = logging.getLogger(__name__)
-
-# HTTP status of a domain error (handlers.v2_status) -> gRPC status
-GRPC_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 
 
 def _param(value: Any) -> Any:
@@ -74,48 +72,51 @@ def request_body(req: Any) -> InferRequestBody:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Health, metadata and infer; other methods answer UNIMPLEMENTED (the base class)."""
+    """Health, metadata and infer through the edge contract, as REST answers them; other
+    methods answer UNIMPLEMENTED (the base class)."""
 
-    def __init__(self, service: ClassifyService, tokens: list[str]) -> None:
-        self.service = service
-        self.tokens = tokens
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
 
-    async def _authorized(self, context: Any) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        try:
-            check_bearer(self.tokens, metadata.get("authorization", ""))
-        except MidserveError as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    @staticmethod
+    def _authorization(context: Any) -> str:
+        return str(dict(context.invocation_metadata() or ()).get("authorization", ""))
 
     async def _abort(self, context: Any, exc: MidserveError) -> None:
-        code = GRPC_CODES.get(handlers.v2_status(exc), grpc.StatusCode.INTERNAL)
-        await context.abort(code, str(exc))
+        await context.abort(getattr(grpc.StatusCode, error_status(exc).grpc), str(exc))
 
-    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.service.ready)
-
-    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def _authorized(self, context: Any, probe: bool = False) -> None:
+        """The token rules of REST: probes open unless ``open_probes`` is false."""
+        given = self._authorization(context)
         try:
-            slot = handlers.model_slot(self.service, request.name, request.version)
+            self.edge.authorize_probe(given) if probe else self.edge.authorize(given)
         except MidserveError as exc:
             await self._abort(context, exc)
-        return pb.ModelReadyResponse(ready=slot.state == "ready")
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802
+        await self._authorized(context, probe=True)
+        return pb.ServerLiveResponse(live=self.edge.health().live)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        await self._authorized(context, probe=True)
+        return pb.ServerReadyResponse(ready=self.edge.health().ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        await self._authorized(context, probe=True)
+        try:
+            ready, _ = self.edge.model_health(request.name, request.version)
+        except MidserveError as exc:
+            await self._abort(context, exc)
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         await self._authorized(context)
-        return pb.ServerMetadataResponse(
-            name=handlers.SERVER_NAME,
-            version=handlers.SERVER_VERSION,
-            extensions=handlers.EXTENSIONS,
-        )
+        return pb.ServerMetadataResponse(**server_metadata())
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         await self._authorized(context)
         try:
-            meta = handlers.model_metadata(self.service, request.name, request.version)
+            meta = model_metadata(self.edge, request.name, request.version)
         except MidserveError as exc:
             await self._abort(context, exc)
         tensors = pb.ModelMetadataResponse.TensorMetadata
@@ -129,19 +130,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         await self._authorized(context)
+        parsed: list[InferRequestBody] = []
+
+        async def read() -> ClassifyCall:
+            body = request_body(request)
+            requested_outputs(body)
+            parsed.append(body)
+            return classify_call(body, self.edge.settings)
+
         try:
-            body, outputs = await handlers.infer(
-                self.service,
-                request.model_name,
-                request.model_version,
-                lambda: request_body(request),
-                handlers.v2_status,
-            )
+            done = await self.edge.classify(request.model_name, request.model_version, "grpc", read)
         except MidserveError as exc:
             await self._abort(context, exc)
+        body = parsed[0]
+        preds = [o for o in done.outcomes if isinstance(o, Prediction)]
+        outputs = output_tensors(preds, requested_outputs(body), classification_counts(body))
         return pb.ModelInferResponse(
             model_name=request.model_name,
-            model_version=handlers.MODEL_VERSION,
+            model_version=MODEL_VERSION,
             id=body.id or "",
             outputs=[
                 pb.ModelInferResponse.InferOutputTensor(
@@ -153,10 +159,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
 
-async def start_grpc(service: ClassifyService, tokens: list[str], host: str, port: int) -> Any:
+async def start_grpc(edge: Edge, host: str, port: int) -> Any:
     """A started grpc.aio server on ``host:port`` (the caller stops it)."""
     server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, tokens), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(edge), server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     log.info("Open Inference Protocol gRPC on %s:%d", host, port)

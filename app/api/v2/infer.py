@@ -1,6 +1,7 @@
-"""One inference request in protocol terms: its parameters as midserve's classify
-parameters (validated by the same code as /v1), and the predictions as output tensors
-(``probabilities``, the classification extension, per-image extras)."""
+"""The Open Inference Protocol's codec, shared by its REST and gRPC transports: a parsed
+request body -> the edge's ``ClassifyCall`` (typed parameters, validated by the same code as
+/v1), predictions -> output tensors (``probabilities``, the classification extension,
+per-image extras), and the server and model metadata."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from app.api.params import ClassifyParams, parse_classify_params
+from app.api.edge import MODEL_VERSION, ClassifyCall, Edge
 from app.api.v2.tensors import InferRequestBody, OutputTensor
 from app.config import Settings
 from app.errors import InvalidRequestError, LimitExceededError
-from app.labels import LabelSet
-from app.model_config import ModelConfig
 from app.pipeline import Prediction
+
+SERVER_NAME = "midserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+PLATFORM = "midserve_tta"
 
 IMAGE_INPUT = "image"
 PROBABILITIES = "probabilities"
@@ -35,12 +39,6 @@ def metadata_tensors(num_classes: int) -> tuple[list[dict[str, Any]], list[dict[
     outputs = [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, num_classes]}]
     outputs += [{"name": n, "datatype": t, "shape": [-1]} for n, (t, _) in EXTRAS.items()]
     return inputs, outputs
-
-
-def _wire_text(value: Any) -> list[str]:
-    """A protocol parameter (bool, number, string; a list for labels) as /v1's raw text."""
-    items = value if isinstance(value, list) else [value]
-    return ["true" if v is True else "false" if v is False else str(v) for v in items]
 
 
 def classification_counts(body: InferRequestBody) -> dict[str, int]:
@@ -75,21 +73,35 @@ def image_elements(body: InferRequestBody, settings: Settings) -> list[bytes]:
     return tensor.elements
 
 
-def classify_params(
-    body: InferRequestBody,
-    cfg: ModelConfig,
-    labels: LabelSet,
-    settings: Settings,
-    n_images: int,
-    top_k: int,
-) -> ClassifyParams:
-    """The request parameters midserve knows, checked as /v1 checks them; others ignored.
+def classify_call(body: InferRequestBody, settings: Settings) -> ClassifyCall:
+    """The images and the parameters midserve knows (others ignored), typed as sent;
     ``top_k`` is raised to the largest classification count asked for."""
-    raw = {k: _wire_text(v) for k, v in body.parameters.items() if k in REQUEST_PARAMS}
-    if top_k:
-        given = int(raw["top_k"][0]) if raw.get("top_k", [""])[0].isdigit() else 0
-        raw["top_k"] = [str(max(top_k, given))]
-    return parse_classify_params(raw, cfg, labels, settings, n_images)
+    images = image_elements(body, settings)
+    params: dict[str, Any] = {k: v for k, v in body.parameters.items() if k in REQUEST_PARAMS}
+    wanted = max(classification_counts(body).values(), default=0)
+    if wanted:
+        given = params.get("top_k")
+        if isinstance(given, str) and given.strip().isdigit():
+            given = int(given)
+        if given is None or (isinstance(given, int) and not isinstance(given, bool)):
+            params["top_k"] = max(wanted, given or 0)
+    return ClassifyCall(images, params)
+
+
+def model_metadata(edge: Edge, model: str, version: str | None) -> dict[str, Any]:
+    cfg = edge.config(model, version)
+    inputs, outputs = metadata_tensors(cfg.num_classes)
+    return {
+        "name": model,
+        "versions": [MODEL_VERSION],
+        "platform": PLATFORM,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
 def output_tensors(

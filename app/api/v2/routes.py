@@ -7,102 +7,118 @@ Errors leave as ``{"error": "message"}`` with the status the protocol's clients 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from app.api.errors import error_headers
-from app.api.routes import ServiceDep, require_token, require_token_unless_open
-from app.api.v2 import handlers
-from app.api.v2.handlers import (
-    EXTENSIONS,
-    MODEL_VERSION,
-    SERVER_NAME,
-    SERVER_VERSION,
-    v2_status,
+from app.api.edge import MODEL_VERSION, ClassifyCall, Edge
+from app.api.errors import v2_error_response
+from app.api.routes import EdgeRoute, edge_of, require_token, require_token_unless_open
+from app.api.v2.infer import (
+    EXTRAS,
+    PROBABILITIES,
+    classification_counts,
+    classify_call,
+    model_metadata,
+    output_tensors,
+    requested_outputs,
+    server_metadata,
 )
-from app.api.v2.infer import EXTRAS, PROBABILITIES
 from app.api.v2.tensors import (
     HEADER_LENGTH,
     InferRequestBody,
     encode_infer_response,
     parse_infer_request,
 )
-from app.errors import MidserveError
+from app.errors import MidserveError, ModelNotReadyError
+from app.pipeline import Prediction
 
 
-def v2_error_response(exc: MidserveError) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=v2_status(exc), headers=error_headers(exc))
-
-
-class V2Route(APIRoute):
+def _v2_errors(
+    handler: Callable[[Request], Coroutine[Any, Any, Response]],
+) -> Callable[[Request], Coroutine[Any, Any, Response]]:
     """Domain errors, from the handler or its dependencies (the token check), in the
     protocol's error body."""
 
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except MidserveError as exc:
+            return v2_error_response(exc)
+
+    return run
+
+
+class V2Route(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+        return _v2_errors(super().get_route_handler())
 
-        async def run(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except MidserveError as exc:
-                return v2_error_response(exc)
 
-        return run
+class V2EdgeRoute(EdgeRoute):
+    """The hot route (infer): no dependency solving, the protocol's error body."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return _v2_errors(super().get_route_handler())
 
 
 router = APIRouter(prefix="/v2", route_class=V2Route)
 Token = [Depends(require_token)]
 OpenProbe = [Depends(require_token_unless_open)]
+EdgeDep = Annotated[Edge, Depends(edge_of)]
 
 
 @router.get("", dependencies=Token)
-async def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+async def server_meta() -> dict[str, Any]:
+    return server_metadata()
 
 
 @router.get("/health/live", dependencies=OpenProbe)
-async def live(service: ServiceDep) -> Response:
+async def live(edge: EdgeDep) -> Response:
     """As /healthz: false (503) once a model is past its recovery limit."""
-    if service.unrecovered():
-        return JSONResponse({"live": False}, status_code=503)
-    return JSONResponse({"live": True})
+    live = edge.health().live
+    return JSONResponse({"live": live}, status_code=200 if live else 503)
 
 
 @router.get("/health/ready", dependencies=OpenProbe)
-async def ready(service: ServiceDep) -> Response:
-    if not service.ready:
+async def ready(edge: EdgeDep) -> Response:
+    if not edge.health().ready:
         return JSONResponse({"error": "models are still loading or failed"}, status_code=503)
     return JSONResponse({"ready": True})
 
 
 @router.get("/models/{model}/ready", dependencies=OpenProbe)
 @router.get("/models/{model}/versions/{version}/ready", dependencies=OpenProbe)
-async def model_ready(service: ServiceDep, model: str, version: str | None = None) -> Response:
-    handlers.model_slot(service, model, version).ready()  # not ready: 503 with the reason
+async def model_ready(edge: EdgeDep, model: str, version: str | None = None) -> Response:
+    ok, why = edge.model_health(model, version)
+    if not ok:
+        raise ModelNotReadyError(f"model {model!r} is not ready: {why}")
     return JSONResponse({"name": model, "ready": True})
 
 
 @router.get("/models/{model}", dependencies=Token)
 @router.get("/models/{model}/versions/{version}", dependencies=Token)
-async def model_metadata(
-    service: ServiceDep, model: str, version: str | None = None
-) -> dict[str, Any]:
-    return handlers.model_metadata(service, model, version)
+async def model_meta(edge: EdgeDep, model: str, version: str | None = None) -> dict[str, Any]:
+    return model_metadata(edge, model, version)
 
 
-@router.post("/models/{model}/infer", dependencies=Token)
-@router.post("/models/{model}/versions/{version}/infer", dependencies=Token)
-async def infer(
-    request: Request, service: ServiceDep, model: str, version: str | None = None
-) -> Response:
-    raw = await request.body()
-    length = request.headers.get(HEADER_LENGTH)
-    body, outputs = await handlers.infer(
-        service, model, version, lambda: parse_infer_request(raw, length), v2_status
-    )
+async def infer(request: Request, model: str, version: str | None = None) -> Response:
+    edge = edge_of(request)
+    edge.authorize(request.headers.get("authorization", ""))
+    parsed: list[InferRequestBody] = []
+
+    async def read() -> ClassifyCall:
+        raw = await request.body()
+        body = parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
+        requested_outputs(body)
+        parsed.append(body)
+        return classify_call(body, edge.settings)
+
+    done = await edge.classify(model, version, "v2", read)
+    body = parsed[0]
+    preds = [o for o in done.outcomes if isinstance(o, Prediction)]
+    outputs = output_tensors(preds, requested_outputs(body), classification_counts(body))
     head: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
     if body.id is not None:
         head["id"] = body.id
@@ -112,6 +128,10 @@ async def infer(
         return Response(content, media_type="application/json")
     headers = {"Inference-Header-Content-Length": str(header_length)}
     return Response(content, media_type="application/octet-stream", headers=headers)
+
+
+for path in ("/models/{model}/infer", "/models/{model}/versions/{version}/infer"):
+    router.add_api_route(path, infer, methods=["POST"], route_class_override=V2EdgeRoute)
 
 
 def _binary_outputs(body: InferRequestBody, wanted: list[str]) -> set[str]:

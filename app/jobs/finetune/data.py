@@ -18,7 +18,8 @@ from app.jobs.datasets import LabelledImage
 from app.jobs.finetune.options import AUGMENTS, Augment
 from app.model_config import ModelConfig
 from app.runtime.plan import DecodeLimits
-from app.tta.preprocess import RESAMPLE, cut_views, decode_image, prepare_image
+from app.tta.decode import decode_image
+from app.tta.preprocess import RESAMPLE, cut_views, prepare_image
 from app.tta.views import View, parse_view_spec, plan_views
 
 # FixRes "test DA2": light colour jitter (brightness, contrast, saturation factors).
