@@ -4,7 +4,9 @@ Everything is measured in ONE run so the ratios hold on a noisy machine. Prints 
 one final JSON line. Not a test: nothing here asserts a speed.
 
 ``roofline`` (what the hardware allows), ``timing`` (in-process throughputs),
-``server_load`` (a real server under HTTP load), ``run`` (one bench run), ``cli``.
+``server_load`` (a real server under HTTP load), ``cpu_budget`` (the server's CPU per
+request around the network, by thread: ``proc`` reads it, ``load_client`` loads the
+server), ``run`` (one bench run), ``cli``.
 """
 
 from pathlib import Path

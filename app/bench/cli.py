@@ -56,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "plan's raw forward, HTTP as a share of it, three upload sizes, against the "
                    "older per-image path (app/bench/ceiling.py)")  # fmt: skip
     p.add_argument(
+        "--cpu-budget",
+        action="store_true",
+        help="only the CPU budget run: server "
+        "CPU per request around the network, by thread, at c8 (app/bench/cpu_budget.py)",
+    )
+    p.add_argument("--cpu-client", default="auto", choices=["auto", "hey", "httpx"],
+                   help="load client of the CPU budget (auto: hey where installed)")  # fmt: skip
+    p.add_argument(
         "--http-matrix",
         action="store_true",
         help="HTTP at concurrency 1 and 8, batching on and off",

@@ -26,6 +26,18 @@ PATHS = [("torch", "float32"), ("torch", "bfloat16"), ("openvino", "float32"),
          ("openvino", "bfloat16")]  # fmt: skip
 
 
+def cannot_run(engine: Engine) -> str | None:
+    """Why ``engine`` fails a one-view forward on this machine (None: it runs). Some CPUs
+    lack what a path needs (oneDNN's fused bf16 convolutions want AVX-512 or AVX-NE-CONVERT);
+    a timing thread that raised would leave the others waiting for it."""
+    size = engine.cfg.input_size
+    try:
+        engine.run_views(torch.zeros(1, 3, size, size, device=engine.device))
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
 def raw_by_backend(model: LoadedModel, chunk: int, duration_s: float, rounds: int = 3,
                    team: tuple[int, int] = (1, 1)) -> dict[str, float]:  # fmt: skip
     """Views/s of the served network alone per backend and dtype, OpenVINO int8 included
@@ -41,7 +53,7 @@ def raw_by_backend(model: LoadedModel, chunk: int, duration_s: float, rounds: in
         plan = dataclasses.replace(options.forward_plan(model.device.type), backend=backend,
                                    workers=workers, threads=threads, chunk_views=chunk)  # fmt: skip
         engine = Engine(model, options, plan)
-        if engine.plan.backend == backend:
+        if engine.plan.backend == backend and cannot_run(engine) is None:
             engines[f"{backend}_{dtype}"] = engine
     runs: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(rounds):

@@ -1,5 +1,6 @@
 """One bench run: the bound, the network alone by chunk size, the served pipeline against
-the naive one, the dtype's agreement, then HTTP, all in one process so the ratios hold."""
+the naive one, the dtype's agreement, then HTTP and the server's CPU around the network, all
+in one process so the ratios hold."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from app.bench.plans import parallel_throughput, raw_by_backend, tuned, tuning_summary
+from app.bench.cpu_budget import cpu_budget_phase, print_budget
+from app.bench.plans import cannot_run, parallel_throughput, raw_by_backend, tuned, tuning_summary
 from app.bench.roofline import gemm_gflops, model_gflops_per_view
 from app.bench.server_load import HttpRound, http_load, summarize_rounds
 from app.bench.timing import (
@@ -142,6 +144,17 @@ def http_phase(args: argparse.Namespace, models_dir: Path, engine: Engine, image
     out["http_overhead"] = 1.0 - c8["views_per_s"] / out["engine_views_per_s_beside_http"]
 
 
+def cpu_phase(args: argparse.Namespace, models_dir: Path, engine: Engine,
+              photos: list[tuple[str, bytes]], spec: ViewSpec,
+              out: dict[str, Any]) -> None:  # fmt: skip
+    """Server CPU per request around the network, by stage (app/bench/cpu_budget.py), on a
+    server that loads ``engine``'s tuned plan from the same cache."""
+    env = {"MIDSERVE_DEVICE": str(engine.device), **tuning_env(args)}
+    cpu_budget_phase(models_dir, args.model, engine, photos, spec, args.duration, env,
+                     args.cpu_client, out)  # fmt: skip
+    print_budget(out["cpu_outside_network"])
+
+
 def plans_phase(args: argparse.Namespace, model: LoadedModel, out: dict[str, Any]) -> Engine | None:
     """Both GEMM ceilings, the network alone per backend and dtype, and the tuned engine."""
     d = args.duration
@@ -234,14 +247,18 @@ def dtype_phase(args: argparse.Namespace, model: LoadedModel, served: EngineOpti
         )
         out["agreement_vs_float32"] = dtype_agreement(model, images, spec, checked)
     elif args.check_dtype:
-        out[f"{args.check_dtype}_agreement"] = dtype_agreement(
-            model, images, spec, checked.with_changes(dtype=args.check_dtype)
+        other = checked.with_changes(dtype=args.check_dtype)
+        why = cannot_run(Engine(model, other))
+        out[f"{args.check_dtype}_agreement"] = (
+            {"skipped": why} if why else dtype_agreement(model, images, spec, other)
         )
 
 
 def print_table(out: dict[str, Any]) -> None:
     rows: list[tuple[str, str]] = []
     for key, value in out.items():
+        if key == "cpu_outside_network":  # a table of its own
+            continue
         if isinstance(value, float):
             rows.append((key, f"{value:.3f}"))
         elif not isinstance(value, dict):
@@ -265,7 +282,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         default_policy(args.views) if args.views_spec is None else parse_view_spec(args.views_spec)
     )
     files = sorted(Path(args.data).glob("*")) if args.data else []
-    images = [f.read_bytes() for f in files if f.is_file()][: args.images]
+    photos = [(f.name, f.read_bytes()) for f in files if f.is_file()][: args.images]
+    images = [data for _, data in photos]
     if not images:
         raise SystemExit(f"no images in {args.data!r}: pass --data with real photos")
     d = args.duration
@@ -278,6 +296,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         ceiling_phase(settings.models_dir, args.model, engine, images, d, env, ceiling)
         print_table(ceiling)
         return ceiling
+    if args.cpu_budget:
+        budget: dict[str, Any] = {"model": args.model, "device": str(device)}
+        engine = tuned(model, args.tune_seconds, args.tune_cache_dir)
+        cpu_phase(args, settings.models_dir, engine, photos, spec, budget)
+        return budget
     out: dict[str, Any] = {"model": args.model, "device": str(device), "dtype": options.dtype,
                            "views": spec.total, "spec": str(spec), "level": args.level,
                            "threads": torch.get_num_threads()}  # fmt: skip
@@ -306,5 +329,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     dtype_phase(args, model, served, images, spec, out)
     if not args.no_http:
         http_phase(args, settings.models_dir, served_engine, images, spec, out)
+        # the server's plan: the bench's tuned engine (an untuned bench tunes for this phase)
+        cpu_engine = tuned_engine or tuned(model, args.tune_seconds, args.tune_cache_dir)
+        cpu_phase(args, settings.models_dir, cpu_engine, photos, spec, out)
     print_table(out)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

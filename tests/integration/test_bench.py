@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +80,73 @@ def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
     assert crops["view_equivalents_per_s"] == pytest.approx(4 * crops["images_per_s"], rel=0.01)
     assert full["view_equivalents_per_s"] > 2 * full["images_per_s"] > 0  # 96 px > 64 px views
     agreement = result.get("agreement_vs_float32") or result["bfloat16_agreement"]
-    assert 0.0 <= agreement["top1_agreement"] <= 1.0
+    if "skipped" not in agreement:  # a CPU without oneDNN's fused bf16 convolutions
+        assert 0.0 <= agreement["top1_agreement"] <= 1.0
+    budget = result["cpu_outside_network"]
+    assert budget["client"] in ("hey", "httpx (hey not installed)")
+    assert_cpu_budget_holds_together(budget, views=4)
+
+
+def assert_cpu_budget_holds_together(budget: dict[str, Any], views: int) -> None:
+    """Every case answered; per image, the thread groups and the remainder add up to the
+    server's total, the remainder is no more than the total's clock ticks can hide, each
+    named group did its work, and the ratios follow from the row's own numbers."""
+    cases = budget["cases"]
+    assert set(cases) == {"center_imagenet_c8", "center_12mp_c8", "default_imagenet_c8",
+                          "default_12mp_c8", f"views{views}_imagenet_c8"}  # fmt: skip
+    raw, per_view = budget["raw_forward_views_per_s"], budget["forward_cpu_ms_per_view"]
+    assert raw > 0 and per_view > 0 and budget["served_plan"] and len(budget["photos"]) == 3
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    for name, row in cases.items():
+        assert row["errors"] == 0 and row["requests"] > 0, (name, row)
+        threads = row["threads_ms"]
+        assert sum(threads.values()) == pytest.approx(row["server_ms"], abs=0.01), name
+        # the total is read in clock ticks: two readings a window, utime and stime apart
+        slack = 2 * 2 * budget["rounds"] * tick_ms / row["requests"]
+        assert abs(threads["unattributed"]) <= slack + 0.01, (name, row)
+        assert threads["edge+loop"] > 0 and threads["prep"] > 0 and threads["forward"] > 0, name
+        assert min(v for k, v in threads.items() if k != "unattributed") >= 0
+        assert row["outside_network_ms"] == pytest.approx(
+            row["server_ms"] - threads["forward"], abs=0.002
+        )
+        veq = row["view_equivalents_per_image"]
+        assert row["outside_network_ms_by_forward_cost"] == pytest.approx(
+            row["server_ms"] - per_view * veq, abs=0.01
+        )
+        limit_share = row["images_per_s"] * veq / raw
+        assert row["of_forward_limit"] == pytest.approx(limit_share, rel=0.01, abs=1e-3)
+        assert row["client_ms"] > 0
+    assert cases["center_imagenet_c8"]["view_equivalents_per_image"] == 1.0
+    assert cases[f"views{views}_imagenet_c8"]["views_per_image"] == views
+    # a 12-megapixel JPEG is decoded on the preparation threads
+    big, small = cases["center_12mp_c8"]["threads_ms"], cases["center_imagenet_c8"]["threads_ms"]
+    assert big["prep"] > 2 * small["prep"]
+    assert (
+        budget["default_imagenet_of_forward_limit"]
+        == cases["default_imagenet_c8"]["of_forward_limit"]
+    )
+    assert budget[f"views{views}_of_raw_forward"] == pytest.approx(
+        cases[f"views{views}_imagenet_c8"]["views_per_s"] / raw, abs=1e-3
+    )
+
+
+@pytest.mark.slow
+def test_bench_cpu_budget_with_the_httpx_client(tiny_repo: Path, tmp_path: Path) -> None:
+    """The CPU budget alone, loaded by the bench's own httpx client (what runs where hey
+    is not installed): the same section, the client's CPU this process's own."""
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes(120 + 10 * i, 90, fmt="JPEG", seed=i))
+    res = run_cli(
+        "bench", "--cpu-budget", "--cpu-client", "httpx", "--models-dir", str(tiny_repo),
+        "--model", "tiny", "--data", str(tmp_path), "--duration", "0.6", "--views", "3",
+        "--tune-seconds", "0.3", "--tune-cache-dir", str(tmp_path / "tuning"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    budget = result["cpu_outside_network"]
+    assert budget["client"] == "httpx" and budget["concurrency"] == 8
+    assert_cpu_budget_holds_together(budget, views=3)
+    assert "outside*" in res.stderr  # the table
 
 
 @pytest.mark.slow
