@@ -119,6 +119,65 @@ def _dct_size(width: int, height: int, min_side: int, scales: str) -> tuple[int,
     return (width + s - 1) // s, (height + s - 1) // s
 
 
+def jpeg_headers(data: bytes) -> tuple[int, str]:
+    """(EXIF orientation 1-8, "JPEG" or "MPO") of a JPEG, read from its APP segments
+    without PIL (which parses every marker in Python: a tenth of an ImageNet-size photo's
+    preparation); orientation 1 when there is none or it cannot be read. An APP2 "MPF"
+    segment makes it a multi-picture file, whose first picture is decoded."""
+    at, end = 2, len(data)
+    orientation, image_format = 1, "JPEG"
+    while at + 4 <= end and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:  # no length field
+            at += 1 if marker == 0xFF else 2
+            continue
+        size = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xDA or size < 2:  # the scan starts: no more headers
+            break
+        if marker == 0xE1 and data[at + 4 : at + 10] == b"Exif\0\0" and orientation == 1:
+            orientation = _tiff_orientation(data[at + 10 : at + 2 + size])
+        elif marker == 0xE2 and data[at + 4 : at + 8] == b"MPF\0":
+            image_format = "MPO"
+        at += 2 + size
+    return orientation, image_format
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of IFD0 of an EXIF TIFF block; 1 when absent or malformed."""
+    order: Literal["little", "big"]
+    if tiff[:2] == b"II":
+        order = "little"
+    elif tiff[:2] == b"MM":
+        order = "big"
+    else:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd : ifd + 2], order) if ifd + 2 <= len(tiff) else 0
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"image has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise InvalidImageError(
+            f"image is {width}x{height}, aspect ratio {ratio:.1f} > "
+            f"{limits.max_aspect_ratio:g}; crop it before classifying"
+        )
+
+
 def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
     """The image's header, checked against ``limits`` before any pixel is decoded."""
     try:
@@ -133,20 +192,41 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
         raise InvalidImageError(f"cannot read image header: {exc}") from exc
     if img.format not in ALLOWED_FORMATS:
         raise InvalidImageError(f"image format {img.format} is not accepted")
-    width, height = img.size
-    if width < 1 or height < 1:
-        raise InvalidImageError(f"image has zero size ({width}x{height})")
-    if width * height > limits.max_pixels:
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
-        )
-    ratio = max(width, height) / min(width, height)
-    if ratio > limits.max_aspect_ratio:
-        raise InvalidImageError(
-            f"image is {width}x{height}, aspect ratio {ratio:.1f} > "
-            f"{limits.max_aspect_ratio:g}; crop it before classifying"
-        )
+    _check_size(*img.size, limits)
     return img
+
+
+def _decode_turbo_only(
+    data: bytes, limits: DecodeLimits, min_side: int, jpeg: JpegDecoding
+) -> DecodedPicture | None:
+    """A baseline/progressive RGB or grayscale JPEG by libjpeg-turbo alone: its header read
+    in C, the limits checked on it before any pixel, the EXIF orientation read by
+    ``jpeg_headers``; None where PIL is to open it (not a JPEG, CMYK/YCCK, anything
+    libjpeg-turbo warns about)."""
+    if simplejpeg is None or not jpeg.turbo or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        stored_h, stored_w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception:
+        return None
+    if colorspace not in ("YCbCr", "Gray"):
+        return None
+    _check_size(stored_w, stored_h, limits)
+    orientation, image_format = jpeg_headers(data)
+    width, height = _dct_size(stored_w, stored_h, min_side, jpeg.scales)
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", fastdct=jpeg.fast, fastupsample=jpeg.fast,
+            min_height=height, min_width=width, strict=True,
+        )  # fmt: skip
+    except Exception:
+        return None
+    turn = _ORIENT.get(orientation)
+    if turn is not None:
+        pixels = np.ascontiguousarray(turn(pixels))  # torch takes no negative strides
+    turned = orientation in (5, 6, 7, 8)
+    original = (stored_h, stored_w) if turned else (stored_w, stored_h)
+    return DecodedPicture(pixels, image_format, original)
 
 
 def _decode_turbo(
@@ -203,6 +283,9 @@ def decode_picture(
     A JPEG comes as libjpeg-turbo's numpy array (``jpeg``), anything else as PIL's image."""
     if not data:
         raise InvalidImageError("empty image: no bytes received")
+    fast = _decode_turbo_only(data, limits, draft_min_side, jpeg)
+    if fast is not None:
+        return fast
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = _open(data, limits)

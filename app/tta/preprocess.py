@@ -111,9 +111,10 @@ class Resizer:
                 chw = torch.nn.functional.interpolate(
                     chw, size=(size[1], size[0]), mode=self.interpolation, antialias=True
                 )
-            # HWC rows, so stacked views come out channels_last (a no-op where the resize
-            # kept that layout, as bicubic does; bilinear returns planes)
-            return chw[0].permute(1, 2, 0).contiguous()[y0:y1, x0:x1]
+            # HWC rows as a view, not a copy: views are cut from it by one stacking copy
+            # each (``_cut``), which leaves them channels_last whatever layout the resize
+            # returned (bicubic keeps channels_last where AVX-512 runs it, planes on AVX2)
+            return chw[0].permute(1, 2, 0)[y0:y1, x0:x1]
         if img.size == size:
             resized = img.crop(box) if box != (0, 0, *size) else img
         else:
@@ -258,12 +259,16 @@ def _cut(views: list[View], by_size: dict[tuple[int, int], Resized]) -> torch.Te
     (``by_size``, one copy per view), flipped where asked."""
     regions = [by_size[v.resized] for v in views]
     if regions[0].pixels.device.type == "cpu":  # numpy: no torch op off the forward
-        arrays = []
-        for v, r in zip(views, regions, strict=True):
+        first = views[0]
+        # filled view by view: C order whatever the resized pixels' strides (np.stack
+        # would keep a planar source's layout), so the batch is channels_last
+        dtype = regions[0].pixels.numpy().dtype  # uint8, or the older path's float32
+        out = np.empty((len(views), first.height, first.width, 3), dtype=dtype)
+        for i, (v, r) in enumerate(zip(views, regions, strict=True)):
             x, y = v.x - r.x0, v.y - r.y0
             a = r.pixels.numpy()[y : y + v.height, x : x + v.width]
-            arrays.append(a[:, ::-1] if v.flip else a)
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            out[i] = a[:, ::-1] if v.flip else a
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
     tensors = []
     for v, r in zip(views, regions, strict=True):
         x, y = v.x - r.x0, v.y - r.y0
