@@ -7,12 +7,14 @@ one process. Names follow Prometheus conventions: ``midserve_`` prefix, base uni
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -28,6 +30,15 @@ LATENCY_BUCKETS = (
 SIGNAL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 VIEW_BUCKETS = (1, 2, 4, 5, 8, 10, 16, 20, 30, 32, 40, 64, 128, 256, 512)
 STAGES = ("decode", "preprocess", "queue_wait", "forward", "postprocess")
+
+
+def _remember_children(metric: MetricWrapperBase) -> None:
+    """``metric.labels(*values)`` looked up once per label set: prometheus_client checks
+    the values and takes a lock on every call (~10 us; a classify request made ~14 such
+    calls on the event loop). The children are the ones it keeps itself, and none is ever
+    removed, so a remembered one stays the live one; label values come from bounded sets
+    (models, stages, statuses, capped policies)."""
+    setattr(metric, "labels", functools.lru_cache(maxsize=4096)(metric.labels))  # noqa: B010
 
 
 class _CappedLabel:
@@ -244,6 +255,9 @@ class Metrics:
         )  # fmt: skip
         r.register(_CudaMemoryCollector())
         self.policy_label = _CappedLabel()
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+                _remember_children(metric)
 
     def observe_plan(self, model: str, p: ForwardPlan, t: TuningReport | None) -> None:
         """The served plan, and what tuning measured."""
