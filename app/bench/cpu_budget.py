@@ -41,6 +41,9 @@ from app.tta.views import ViewSpec
 
 ROUNDS = 3
 CONCURRENCY = 8
+# the edge alone: the photo read whole, routed through every layer and the edge contract,
+# its parameters validated and refused (top_k=0: 422 JSON); no image work, no forward
+EDGE_PROBE = {"views": "center", "top_k": "0"}
 TWELVE_MP = (4000, 3000)
 WARMUP_S = 0.5
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
@@ -196,6 +199,7 @@ def cpu_budget_phase(models_dir: Path, model_name: str, engine: Engine,
               "12mp": resized_jpegs([data for _, data in picks], TWELVE_MP, ROUNDS)}  # fmt: skip
     cases = budget_cases(spec)
     windows: dict[str, list[Window]] = {name: [] for name in cases}
+    edge: list[Window] = []
     raw: list[tuple[float, float]] = []
     with contextlib.ExitStack() as stack:
         # hey posts a file: the uploads go to a temporary folder, never beside the photos
@@ -217,6 +221,7 @@ def cpu_budget_phase(models_dir: Path, model_name: str, engine: Engine,
                 if r == 0:
                     loader.load(upload, params, WARMUP_S)
                 windows[name].append(loader.window(upload, params, duration_s / ROUNDS))
+            edge.append(loader.window(uploads["imagenet"][r], EDGE_PROBE, duration_s / ROUNDS / 2))
     raw_views_per_s = statistics.median(v for v, _ in raw)
     forward_s_per_view = statistics.median(c for _, c in raw)
     rows = {name: {"uploads": kind, "views": views or "the model's default",
@@ -237,9 +242,17 @@ def cpu_budget_phase(models_dir: Path, model_name: str, engine: Engine,
         "cases": rows,
         "center_imagenet_outside_network_ms": rows["center_imagenet_c8"]["outside_network_ms"],
         "center_imagenet_edge_loop_ms": rows["center_imagenet_c8"]["threads_ms"][EDGE],
+        "edge_only_ms": edge_only_ms(edge),
         "default_imagenet_of_forward_limit": rows["default_imagenet_c8"]["of_forward_limit"],
         f"views{spec.total}_of_raw_forward": round(rows[many]["views_per_s"] / raw_views_per_s, 3),
     }
+
+
+def edge_only_ms(windows: list[Window]) -> float:
+    """Server CPU per request of ``EDGE_PROBE``: what the edge costs a request without the
+    image work, its share of a classify request's event-loop time."""
+    answered = max(sum(w.client.ok + w.client.errors for w in windows), 1)
+    return round(1000 * add_cpu(w.cpu for w in windows)["total"] / answered, 3)
 
 
 def print_budget(section: dict[str, Any]) -> None:
@@ -249,7 +262,8 @@ def print_budget(section: dict[str, Any]) -> None:
     print(f"CPU per image (ms) at c{section['concurrency']}, client {section['client']}; "
           f"raw forward {section['raw_forward_views_per_s']} views/s, "
           f"{section['forward_cpu_ms_per_view']} ms CPU a view ({section['served_plan']}); "
-          "outside* = server - forward CPU a view x view-equivalents",
+          "outside* = server - forward CPU a view x view-equivalents; the edge alone "
+          f"(the photo read, parameters refused, 422): {section['edge_only_ms']} ms",
           file=sys.stderr)  # fmt: skip
     width = max(len(name) for name in section["cases"])
     print(f"{'case':<{width}}  " + "  ".join(f"{c:>9}" for c in cols), file=sys.stderr)

@@ -117,6 +117,8 @@ def assert_cpu_budget_holds_together(budget: dict[str, Any], views: int) -> None
         assert row["of_forward_limit"] == pytest.approx(limit_share, rel=0.01, abs=1e-3)
         assert row["client_ms"] > 0
     assert cases["center_imagenet_c8"]["view_equivalents_per_image"] == 1.0
+    # the edge alone (the photo read, parameters refused) costs less than a classify
+    assert 0 < budget["edge_only_ms"] < cases["center_imagenet_c8"]["server_ms"]
     assert cases[f"views{views}_imagenet_c8"]["views_per_image"] == views
     # a 12-megapixel JPEG is decoded on the preparation threads
     big, small = cases["center_12mp_c8"]["threads_ms"], cases["center_imagenet_c8"]["threads_ms"]
