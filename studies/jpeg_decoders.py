@@ -192,7 +192,8 @@ def main() -> None:
     labelled = {folder: photos(folder) for folder in args.folders}
     samples = photos(FOLDERS[0])
     step = max(1, len(samples) // max(args.big, 1))
-    labelled["12mp"] = [(enlarge(d), t) for d, t in samples[::step][: args.big]]
+    if args.big:  # --big 0: the shared photos only
+        labelled["12mp"] = [(enlarge(d), t) for d, t in samples[::step][: args.big]]
     result: dict[str, object] = {"dtype": engine.dtype_name, "threads": 1}
     for folder, images in labelled.items():
         row: dict[str, object] = {"photos": len(images)}
