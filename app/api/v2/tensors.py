@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from app.errors import InvalidRequestError
 
@@ -194,7 +195,7 @@ def encode_infer_response(
         else:
             tensor["data"] = [v.decode("utf-8", "replace") for v in out.values]
         tensors.append(tensor)
-    header = json.dumps({**head, "outputs": tensors}).encode()
+    header = orjson.dumps({**head, "outputs": tensors})  # C, compact: serialised once
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)
