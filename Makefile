@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # promtool (tests/deploy), docker-compose's config validator, nginx in front of replicas
 # (tests/reliability/test_failover.py). Each test skips without its tool.
 # package[:binary], where the binary that shows the package is installed has another name.
-SYSTEM_TOOLS := chromium chromium-driver:chromedriver prometheus docker-compose nginx-light:nginx hey
+SYSTEM_TOOLS := chromium chromium-driver:chromedriver prometheus docker-compose nginx-light:nginx hey buildah debootstrap iproute2:ip
 
 .PHONY: serve test lint install system-tools clean
 

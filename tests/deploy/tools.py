@@ -1,4 +1,5 @@
-"""Locating the deployment tools the tests run (none needs a Docker engine).
+"""Locating the deployment tools the tests run (none needs a Docker engine: the image is
+built and run with buildah).
 
 Each is optional on a developer machine; a test that needs one skips with the install hint.
 ``make test`` on CI installs them (see docs/deployment.md, "Testing the deployment files").
@@ -37,4 +38,8 @@ MISSING = {
     "prometheus": "the prometheus binary is absent: apt-get install prometheus (Debian)",
     "promtool": "promtool is absent: apt-get install prometheus (Debian)",
     "nginx": "nginx is absent: apt-get install nginx-light (Debian)",
+    "buildah": "buildah is absent: apt-get install buildah (Debian; builds images daemonless)",
+    "debootstrap": "debootstrap is absent: apt-get install debootstrap (Debian)",
+    "ip": "ip is absent: apt-get install iproute2 (Debian)",
+    "nsenter": "nsenter is absent: apt-get install util-linux (Debian)",
 }
