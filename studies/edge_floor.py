@@ -1,0 +1,122 @@
+"""The floor under the work around the network: the smallest prototype doing the same work
+as the served edge and preparation, on this machine.
+
+    PYTHONPATH=. .venv/bin/python -m studies.edge_floor [--photos ../shared/data/imagenet-samples]
+
+1. Edge: a bare Starlette app on uvicorn + httptools + uvloop (the served HTTP stack) that
+   reads a raw JPEG body and answers a 5-entry JSON (orjson), loaded by ``hey -c 8``; the
+   server process's CPU per request from /proc (utime + stime, all threads).
+2. Preparation: simplejpeg's decode, torch's antialiased bicubic resize to a 256 shorter
+   side and a 224 center crop, one thread, every photo of the folder; CPU per photo.
+
+Compare with ``midserve bench --cpu-budget``: its ``edge_only_ms`` against (1), its center
+crop's ``prep`` against (2). docs/benchmarks.md has one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import simplejpeg
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.serve_process import HOST, free_port, running_process
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+async def _classify(request: Request) -> Response:
+    body = await request.body()
+    answer = {"model": "floor", "bytes": len(body), "top": [1, 2, 3], "prob": 0.5, "ok": True}
+    return Response(orjson.dumps(answer), media_type="application/json")
+
+
+async def _live(_: Request) -> Response:
+    return Response(b"ok")
+
+
+app = Starlette(routes=[Route("/classify", _classify, methods=["POST"]), Route("/healthz", _live)])
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def edge_floor(photo: Path, requests: int) -> float:
+    """ms of server CPU per request of the bare app."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "studies.edge_floor:app", "--host", HOST,
+           "--port", str(port), "--http", "httptools", "--loop", "uvloop",
+           "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    url = f"http://{HOST}:{port}/classify"
+    hey = ["hey", "-c", "8", "-m", "POST", "-T", "image/jpeg", "-D", str(photo)]
+    with running_process(cmd, f"http://{HOST}:{port}/healthz", name="floor app",
+                         ready_timeout_s=30) as proc:  # fmt: skip
+        subprocess.run([*hey, "-n", "400", url], capture_output=True, check=True)
+        before = process_cpu_s(proc.pid)
+        subprocess.run([*hey, "-n", str(requests), url], capture_output=True, check=True)
+        return 1000 * (process_cpu_s(proc.pid) - before) / requests
+
+
+def prepare(data: bytes) -> torch.Tensor:
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    h, w = pixels.shape[:2]
+    k = 256 / min(h, w)
+    chw = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    resized = torch.nn.functional.interpolate(
+        chw, size=(round(h * k), round(w * k)), mode="bicubic", antialias=True
+    )
+    y, x = (resized.shape[2] - 224) // 2, (resized.shape[3] - 224) // 2
+    return resized[0, :, y : y + 224, x : x + 224].contiguous()
+
+
+def preparation_floor(photos: list[bytes], rounds: int = 3) -> tuple[float, float]:
+    """(ms per photo prepared, ms per photo decoded), thread CPU, the best round."""
+    torch.set_num_threads(1)
+    for data in photos:
+        prepare(data)
+    best_prep = best_decode = float("inf")
+    for _ in range(rounds):
+        t0 = time.thread_time()
+        for data in photos:
+            prepare(data)
+        t1 = time.thread_time()
+        for data in photos:
+            simplejpeg.decode_jpeg(data, colorspace="RGB")
+        t2 = time.thread_time()
+        best_prep = min(best_prep, (t1 - t0) / len(photos))
+        best_decode = min(best_decode, (t2 - t1) / len(photos))
+    return 1000 * best_prep, 1000 * best_decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=Path, default=Path("../shared/data/imagenet-samples"))
+    parser.add_argument("--requests", type=int, default=5000)
+    args = parser.parse_args()
+    files = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    if not files:
+        raise SystemExit(f"no JPEG photos in {args.photos}")
+    prep_ms, decode_ms = preparation_floor([f.read_bytes() for f in files])
+    print(f"preparation floor: {prep_ms:.3f} ms a photo (decode alone {decode_ms:.3f} ms), "
+          f"{len(files)} photos, one thread")  # fmt: skip
+    if shutil.which("hey") is None:
+        raise SystemExit("hey is not installed (apt-get install hey): no edge floor")
+    edge_ms = edge_floor(files[0], args.requests)
+    print(f"edge floor: {edge_ms:.3f} ms of server CPU a request ({files[0].name}, c8)")
+
+
+if __name__ == "__main__":
+    main()
