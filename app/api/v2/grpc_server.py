@@ -16,16 +16,9 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from app.api.edge import MODEL_VERSION, ClassifyCall, Edge
+from app.api.edge import MODEL_VERSION, Edge
 from app.api.errors import error_status
-from app.api.v2.infer import (
-    classification_counts,
-    classify_call,
-    model_metadata,
-    output_tensors,
-    requested_outputs,
-    server_metadata,
-)
+from app.api.v2.infer import infer, model_metadata, server_metadata
 from app.api.v2.tensors import (
     InferRequestBody,
     InputTensor,
@@ -33,7 +26,6 @@ from app.api.v2.tensors import (
     split_bytes_elements,
 )
 from app.errors import InvalidRequestError, MidserveError
-from app.pipeline import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +122,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         await self._authorized(context)
-        parsed: list[InferRequestBody] = []
 
-        async def read() -> ClassifyCall:
-            body = request_body(request)
-            requested_outputs(body)
-            parsed.append(body)
-            return classify_call(body, self.edge.settings)
+        async def parse() -> InferRequestBody:
+            return request_body(request)
 
         try:
-            done = await self.edge.classify(request.model_name, request.model_version, "grpc", read)
+            body, outputs = await infer(
+                self.edge, request.model_name, request.model_version, "grpc", parse
+            )
         except MidserveError as exc:
             await self._abort(context, exc)
-        body = parsed[0]
-        preds = [o for o in done.outcomes if isinstance(o, Prediction)]
-        outputs = output_tensors(preds, requested_outputs(body), classification_counts(body))
         return pb.ModelInferResponse(
             model_name=request.model_name,
             model_version=MODEL_VERSION,

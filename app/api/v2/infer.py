@@ -5,12 +5,12 @@ per-image extras), and the server and model metadata."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from app.api.edge import MODEL_VERSION, ClassifyCall, Edge
+from app.api.edge import MODEL_VERSION, ClassifyCall, Edge, Protocol
 from app.api.v2.tensors import InferRequestBody, OutputTensor
 from app.config import Settings
 from app.errors import InvalidRequestError, LimitExceededError
@@ -73,12 +73,14 @@ def image_elements(body: InferRequestBody, settings: Settings) -> list[bytes]:
     return tensor.elements
 
 
-def classify_call(body: InferRequestBody, settings: Settings) -> ClassifyCall:
+def classify_call(
+    body: InferRequestBody, settings: Settings, counts: dict[str, int]
+) -> ClassifyCall:
     """The images and the parameters midserve knows (others ignored), typed as sent;
-    ``top_k`` is raised to the largest classification count asked for."""
+    ``top_k`` is raised to the largest classification count asked for (``counts``)."""
     images = image_elements(body, settings)
     params: dict[str, Any] = {k: v for k, v in body.parameters.items() if k in REQUEST_PARAMS}
-    wanted = max(classification_counts(body).values(), default=0)
+    wanted = max(counts.values(), default=0)
     if wanted:
         given = params.get("top_k")
         if isinstance(given, str) and given.strip().isdigit():
@@ -86,6 +88,31 @@ def classify_call(body: InferRequestBody, settings: Settings) -> ClassifyCall:
         if given is None or (isinstance(given, int) and not isinstance(given, bool)):
             params["top_k"] = max(wanted, given or 0)
     return ClassifyCall(images, params)
+
+
+async def infer(
+    edge: Edge,
+    model: str,
+    version: str | None,
+    protocol: Protocol,
+    parse: Callable[[], Awaitable[InferRequestBody]],
+) -> tuple[InferRequestBody, list[OutputTensor]]:
+    """One inference, as both transports run it: ``parse()`` the body inside the request's
+    metrics record (a bad body counts with its status), the outputs asked for checked
+    before any work, the edge's classify (where any image's error fails the request: a
+    tensor has no holes), the predictions as those outputs. Domain errors raise."""
+    asked: list[tuple[InferRequestBody, list[str], dict[str, int]]] = []
+
+    async def read() -> ClassifyCall:
+        body = await parse()
+        wanted, counts = requested_outputs(body), classification_counts(body)
+        asked.append((body, wanted, counts))
+        return classify_call(body, edge.settings, counts)
+
+    done = await edge.classify(model, version, protocol, read)
+    body, wanted, counts = asked[0]
+    preds = [o for o in done.outcomes if isinstance(o, Prediction)]  # all of them, here
+    return body, output_tensors(preds, wanted, counts)
 
 
 def model_metadata(edge: Edge, model: str, version: str | None) -> dict[str, Any]:

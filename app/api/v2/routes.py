@@ -13,19 +13,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from app.api.edge import MODEL_VERSION, ClassifyCall, Edge
+from app.api.edge import MODEL_VERSION, Edge
 from app.api.errors import v2_error_response
 from app.api.routes import EdgeRoute, edge_of, require_token, require_token_unless_open
-from app.api.v2.infer import (
-    EXTRAS,
-    PROBABILITIES,
-    classification_counts,
-    classify_call,
-    model_metadata,
-    output_tensors,
-    requested_outputs,
-    server_metadata,
-)
+from app.api.v2.infer import EXTRAS, PROBABILITIES, model_metadata, server_metadata
+from app.api.v2.infer import infer as infer_outputs
 from app.api.v2.tensors import (
     HEADER_LENGTH,
     InferRequestBody,
@@ -33,7 +25,6 @@ from app.api.v2.tensors import (
     parse_infer_request,
 )
 from app.errors import MidserveError, ModelNotReadyError
-from app.pipeline import Prediction
 
 
 def _v2_errors(
@@ -106,19 +97,11 @@ async def model_meta(edge: EdgeDep, model: str, version: str | None = None) -> d
 async def infer(request: Request, model: str, version: str | None = None) -> Response:
     edge = edge_of(request)
     edge.authorize(request.headers.get("authorization", ""))
-    parsed: list[InferRequestBody] = []
 
-    async def read() -> ClassifyCall:
-        raw = await request.body()
-        body = parse_infer_request(raw, request.headers.get(HEADER_LENGTH))
-        requested_outputs(body)
-        parsed.append(body)
-        return classify_call(body, edge.settings)
+    async def parse() -> InferRequestBody:
+        return parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
 
-    done = await edge.classify(model, version, "v2", read)
-    body = parsed[0]
-    preds = [o for o in done.outcomes if isinstance(o, Prediction)]
-    outputs = output_tensors(preds, requested_outputs(body), classification_counts(body))
+    body, outputs = await infer_outputs(edge, model, version, "v2", parse)
     head: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
     if body.id is not None:
         head["id"] = body.id
