@@ -2,7 +2,7 @@
 the header before any pixel is decoded, EXIF orientation applied, a large JPEG decoded at a
 reduced DCT scale that still covers the largest resize the views ask for. JPEGs go through
 libjpeg-turbo (simplejpeg: a numpy array the resizer takes without a copy); PIL decodes the
-rest, and any JPEG simplejpeg cannot (CMYK, warnings, a frame size PIL disagrees with)."""
+rest, and any JPEG simplejpeg cannot (CMYK, YCCK, any libjpeg warning)."""
 
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ class JpegDecoding:
     ``turbo``: by libjpeg-turbo through simplejpeg, straight into a numpy array, with the
     same pixels as PIL's decoder (studies/jpeg_decoders.py: an ImageNet-size photo
     prepared in 2.84 ms of CPU against 3.44, top-1 unchanged). PIL still decodes what it
-    refuses: CMYK, a damaged stream (any libjpeg warning, so a truncated file gets PIL's
-    answer), a frame header that disagrees with PIL's, and every JPEG when simplejpeg is
-    not installed or ``turbo`` is off.
+    refuses: CMYK and YCCK, a damaged stream (any libjpeg warning, so a truncated file gets
+    PIL's answer), and every JPEG when simplejpeg is not installed or ``turbo`` is off. The
+    header, limits and EXIF orientation are read without PIL (``jpeg_headers``).
     ``scales``: the DCT scales a reduced-size decode may use: "halves" (1/2, 1/4, 1/8, as
     PIL's draft) or "eighths" (any n/8 libjpeg-turbo has). ``fast``: libjpeg's fast DCT
     and plain chroma upsampling (a few percent, different pixels)."""
@@ -209,7 +209,7 @@ def _decode_turbo_only(
         stored_h, stored_w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except Exception:
         return None
-    if colorspace not in ("YCbCr", "Gray"):
+    if colorspace not in ("YCbCr", "Gray", "RGB"):  # CMYK / YCCK: PIL's inversion
         return None
     _check_size(stored_w, stored_h, limits)
     orientation, image_format = jpeg_headers(data)
@@ -219,7 +219,7 @@ def _decode_turbo_only(
             data, colorspace="RGB", fastdct=jpeg.fast, fastupsample=jpeg.fast,
             min_height=height, min_width=width, strict=True,
         )  # fmt: skip
-    except Exception:
+    except Exception:  # any libjpeg warning or error: PIL decodes it, or says what is wrong
         return None
     turn = _ORIENT.get(orientation)
     if turn is not None:
@@ -227,32 +227,6 @@ def _decode_turbo_only(
     turned = orientation in (5, 6, 7, 8)
     original = (stored_h, stored_w) if turned else (stored_w, stored_h)
     return DecodedPicture(pixels, image_format, original)
-
-
-def _decode_turbo(
-    data: bytes, img: Image.Image, min_side: int, jpeg: JpegDecoding
-) -> DecodedPicture | None:
-    """A JPEG by libjpeg-turbo, upright; None where PIL is to decode it instead."""
-    if simplejpeg is None or img.mode not in ("RGB", "L"):  # CMYK / YCCK: PIL's inversion
-        return None
-    try:
-        stored_h, stored_w, _, _ = simplejpeg.decode_jpeg_header(data)
-        if (stored_w, stored_h) != img.size:  # the size the limits were checked on, or PIL
-            return None
-        orientation = img.getexif().get(0x0112, 1)  # the header PIL read: no pixels
-        turn = _ORIENT.get(orientation)
-        width, height = _dct_size(*img.size, min_side, jpeg.scales)
-        pixels = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", fastdct=jpeg.fast, fastupsample=jpeg.fast,
-            min_height=height, min_width=width, strict=True,
-        )  # fmt: skip
-    except Exception:  # any libjpeg warning or error: PIL decodes it, or says what is wrong
-        return None
-    if turn is not None:
-        pixels = np.ascontiguousarray(turn(pixels))  # torch takes no negative strides
-    turned = orientation in (5, 6, 7, 8)
-    original = (img.height, img.width) if turned else img.size
-    return DecodedPicture(pixels, str(img.format), original)
 
 
 def _decode_pil(img: Image.Image, min_side: int) -> DecodedPicture:
@@ -289,10 +263,6 @@ def decode_picture(
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = _open(data, limits)
-        if jpeg.turbo and img.format in JPEG_FORMATS:
-            decoded = _decode_turbo(data, img, draft_min_side, jpeg)
-            if decoded is not None:
-                return decoded
         try:
             return _decode_pil(img, draft_min_side)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
