@@ -5,7 +5,7 @@ as the served edge and preparation, on this machine.
 
 1. Edge: a bare Starlette app on uvicorn + httptools + uvloop (the served HTTP stack) that
    reads a raw JPEG body and answers a 5-entry JSON (orjson), loaded by ``hey -c 8``; the
-   server process's CPU per request from /proc (utime + stime, all threads).
+   server process's CPU per request from /proc (app/bench/proc.py).
 2. Preparation: simplejpeg's decode, torch's antialiased bicubic resize to a 256 shorter
    side and a 224 center crop, one thread, every photo of the folder; CPU per photo.
 
@@ -16,9 +16,7 @@ crop's ``prep`` against (2). docs/benchmarks.md has one run.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.bench.load_client import run_hey
+from app.bench.proc import snapshot
 from app.serve_process import HOST, free_port, running_process
-
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 async def _classify(request: Request) -> Response:
@@ -49,25 +47,19 @@ async def _live(_: Request) -> Response:
 app = Starlette(routes=[Route("/classify", _classify, methods=["POST"]), Route("/healthz", _live)])
 
 
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def edge_floor(photo: Path, requests: int) -> float:
-    """ms of server CPU per request of the bare app."""
+def edge_floor(photo: Path, seconds: float) -> float:
+    """ms of server CPU per request of the bare app, loaded by hey at c8 for ``seconds``."""
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", "studies.edge_floor:app", "--host", HOST,
            "--port", str(port), "--http", "httptools", "--loop", "uvloop",
            "--log-level", "warning", "--no-access-log"]  # fmt: skip
     url = f"http://{HOST}:{port}/classify"
-    hey = ["hey", "-c", "8", "-m", "POST", "-T", "image/jpeg", "-D", str(photo)]
     with running_process(cmd, f"http://{HOST}:{port}/healthz", name="floor app",
                          ready_timeout_s=30) as proc:  # fmt: skip
-        subprocess.run([*hey, "-n", "400", url], capture_output=True, check=True)
-        before = process_cpu_s(proc.pid)
-        subprocess.run([*hey, "-n", str(requests), url], capture_output=True, check=True)
-        return 1000 * (process_cpu_s(proc.pid) - before) / requests
+        run_hey(url, photo, 8, 1.0)  # warm-up, not counted
+        before = snapshot(proc.pid).total_s
+        run = run_hey(url, photo, 8, seconds)
+        return 1000 * (snapshot(proc.pid).total_s - before) / max(1, run.ok + run.errors)
 
 
 def prepare(data: bytes) -> torch.Tensor:
@@ -104,7 +96,7 @@ def preparation_floor(photos: list[bytes], rounds: int = 3) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=Path, default=Path("../shared/data/imagenet-samples"))
-    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=10.0, help="of load for the edge")
     args = parser.parse_args()
     files = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
     if not files:
@@ -114,7 +106,7 @@ def main() -> None:
           f"{len(files)} photos, one thread")  # fmt: skip
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed (apt-get install hey): no edge floor")
-    edge_ms = edge_floor(files[0], args.requests)
+    edge_ms = edge_floor(files[0], args.seconds)
     print(f"edge floor: {edge_ms:.3f} ms of server CPU a request ({files[0].name}, c8)")
 
 

@@ -32,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import ModuleType
 
+from app.bench.proc import snapshot
 from app.serve_process import HOST, PROJECT_ROOT, free_port, running_process
 from studies.soak import server_env, write_tiny_model
 
@@ -39,13 +40,11 @@ ARMS = ("h11", "httptools-asyncio", "httptools-uvloop")
 BASELINE_REV = "e599dd5"  # the last commit whose protocol was the h11 subclass
 MODEL = "tiny"
 POST_PATH = "/v1/models/nope/classify"  # 404 unknown_model
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_s(pid: int) -> float:
     """utime + stime of process ``pid``, all its threads, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
+    return snapshot(pid).total_s
 
 
 def _baseline_protocol(rev: str) -> ModuleType:
