@@ -4,7 +4,7 @@ through these functions, so an evaluated policy is the served one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +14,7 @@ from app.request import Level
 from app.runtime.engine import ViewOutputs
 from app.tta.averaging import average_probabilities
 from app.tta.calibration import calibrate
-from app.tta.stages import Gate, Signal, StagedPolicy
-from app.tta.views import ViewSpec
+from app.tta.stages import Gate, Signal, Stage, StagedPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,49 +39,76 @@ class GateRecord:
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
+def averaged_key(stages: Sequence[Stage], level: Level) -> str:
+    """The calibration key of an answer averaging these stages' views (model.toml
+    ``[calibration]``): their views, a later stage's on another model named with it."""
+    return f"{','.join(str(s) for s in stages)}@{level}"
+
+
 @dataclass(frozen=True)
 class StagedAnswers:
-    """How one policy is answered at one level: averaged through ``head``, calibrated by
-    the model's temperature for the views averaged (model.toml ``[calibration]``, keyed
-    ``spec@level``; else 1). The server, the CLI and evaluation all answer through it."""
+    """How one policy is answered at one level: each model's views averaged through its
+    ``heads`` entry (None: the requested model's), the models' averages weighted by their
+    view counts, calibrated by the requested model's temperature for the views averaged
+    (model.toml ``[calibration]``, keyed by ``averaged_key``; else 1). The server, the CLI
+    and evaluation all answer through it. ``outputs``: each stage's, in stage order."""
 
     policy: StagedPolicy
     level: Level
-    head: Head
+    heads: Mapping[str | None, Head]
     temperatures: Mapping[str, float]
 
-    def answer(self, outputs: ViewOutputs, stages_run: int) -> tuple[torch.Tensor, float]:
-        """The calibrated probabilities [C] after ``stages_run`` stages (``outputs`` holds
-        at least those stages' views, in order) and the temperature applied."""
-        policy, ends, k = self.policy, self.policy.stage_ends, stages_run
-        if policy.answer == "last" and k > 1:  # the last stage's views alone
-            rows = slice(ends[k - 2], ends[k - 1])
-            averaged = policy.stages[k - 1].spec
-        else:
-            rows = slice(0, ends[k - 1])
-            averaged = ViewSpec(tuple(p for stage in policy.stages[:k] for p in stage.spec.parts))
-        probs = average_probabilities(
-            outputs.features[rows], outputs.logits[rows], self.head, self.level
-        )
-        temperature = self.temperatures.get(f"{averaged}@{self.level}", 1.0)
+    def answer(self, outputs: Sequence[ViewOutputs], stages_run: int) -> tuple[torch.Tensor, float]:
+        """The calibrated probabilities [C] after ``stages_run`` stages and the temperature
+        applied."""
+        stages = self.policy.stages[:stages_run]
+        ran = list(zip(stages, outputs[:stages_run], strict=True))
+        if self.policy.answer == "last" and stages_run > 1:  # the last stage's views alone
+            ran = ran[-1:]
+        by_model: dict[str | None, list[ViewOutputs]] = {}
+        for stage, out in ran:
+            by_model.setdefault(stage.model, []).append(out)
+        averaged, counts = [], []
+        for model, parts in by_model.items():
+            out = ViewOutputs.concat(parts) if len(parts) > 1 else parts[0]
+            averaged.append(
+                average_probabilities(out.features, out.logits, self.heads[model], self.level)
+            )
+            counts.append(out.logits.shape[0])
+        if len(averaged) == 1:
+            probs = averaged[0]
+        else:  # at the softmax level: the mean of every view's probabilities
+            probs = torch.stack([p * n for p, n in zip(averaged, counts, strict=True)])
+            probs = probs.sum(0) / sum(counts)
+        key = averaged_key([stage for stage, _ in ran], self.level)
+        temperature = self.temperatures.get(key, 1.0)
         return calibrate(probs, temperature), temperature
 
-    def gate(self, outputs: ViewOutputs, stages_run: int) -> GateRecord:
+    def gate(self, outputs: Sequence[ViewOutputs], stages_run: int) -> GateRecord:
         """The gate before stage ``stages_run + 1``: its signal on the calibrated answer
         after ``stages_run`` stages (agreement: over every view run so far), its decision."""
         gate = self.policy.stages[stages_run].gate
         assert gate is not None  # every stage after the first has one
         probs, _ = self.answer(outputs, stages_run)
-        view_top1 = outputs.logits[: self.policy.stage_ends[stages_run - 1]].argmax(dim=-1)
+        view_top1 = torch.cat([o.logits.argmax(dim=-1) for o in outputs[:stages_run]])
         value = gate_signal(gate.signal, probs, view_top1)
         return GateRecord(gate, value, gate.goes_on(value))
 
-    def stages_to_run(self, outputs: ViewOutputs) -> int:
+    def stages_to_run(self, outputs: Sequence[ViewOutputs]) -> int:
         """With every stage's outputs known (offline): how many stages the gates run."""
         k = 1
         while k < len(self.policy.stages) and self.gate(outputs, k).went_on:
             k += 1
         return k
+
+
+def split_by_stage(outputs: ViewOutputs, policy: StagedPolicy) -> list[ViewOutputs]:
+    """Outputs of every stage's views in one run (view order) as one part per stage."""
+    starts = [0, *policy.stage_ends[:-1]]
+    return [
+        ViewOutputs(outputs.features[a:b], outputs.logits[a:b])
+        for a, b in zip(starts, policy.stage_ends, strict=True)
+    ]
 
 
 def top_classes(labels: LabelSet, probs: torch.Tensor, indices: torch.Tensor) -> list[TopClass]:

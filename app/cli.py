@@ -41,7 +41,7 @@ def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
 def cmd_classify(args: argparse.Namespace) -> int:
     """Classify local image files; one JSON line (or a short table) per image, in order."""
     from app.api.results import image_result
-    from app.pipeline import ImagePipeline
+    from app.local_pipeline import local_pipeline
     from app.repository import ModelRepository
     from app.request import ClassifyRequest, check_level
     from app.runtime.load import load_engine
@@ -51,8 +51,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     options = EngineOptions.from_settings(settings).with_changes(
         chunk_views=args.chunk_views or None, compile=False
     )
-    engine = load_engine(ModelRepository(settings.models_dir), args.model, options)
-    pipeline = ImagePipeline(engine)
+    repository = ModelRepository(settings.models_dir)
+    engine = load_engine(repository, args.model, options)
+    pipeline = local_pipeline(repository, engine, options)
     cfg = engine.cfg
     request = ClassifyRequest(
         spec=_views_from_args(args, cfg.default_views),

@@ -114,6 +114,18 @@ class Metrics:
             "Images a staged policy's gate sent on to a later stage, by stage",
             ["model", "stage"], registry=r,
         )  # fmt: skip
+        self.stage_compute = Counter(
+            "midserve_stage_view_equivalents_total",
+            "Compute each stage of a staged policy ran, in the requested model's "
+            "view-equivalents, by requested model, stage and the model the stage ran on",
+            ["model", "stage", "stage_model"], registry=r,
+        )  # fmt: skip
+        self.answered_by = Counter(
+            "midserve_answers_by_model_total",
+            "Images answered, by requested model and the models whose views the answer "
+            "averaged ('+'-joined; a cascade's later model when it answered)",
+            ["model", "answered_by"], registry=r,
+        )  # fmt: skip
         self.gate_signal = Histogram(
             "midserve_gate_signal",
             "Gate signal of staged policies (top-1 prob, margin or view agreement)",
@@ -282,6 +294,12 @@ class Metrics:
             self.stage_duration.labels(model, stage).observe(seconds)
         self.views_per_request.labels(model).observe(len(pred.views))
         self.compute_per_request.labels(model).observe(pred.view_equivalents)
+        self.answered_by.labels(model, "+".join(pred.answered_by or [model])).inc()
+        for k, report in enumerate(pred.stages or ()):
+            if report.ran:
+                self.stage_compute.labels(model, str(k + 1), report.model).inc(
+                    report.view_equivalents
+                )
         for record in gates:
             self.gate_signal.labels(model, record.gate.signal).observe(record.value)
 

@@ -30,6 +30,10 @@ class StageOut(BaseModel):
     ran: bool
     gate: str | None = Field(default=None, description="went on while SIGNAL < THRESHOLD")
     signal: float | None = Field(default=None, description="the gate signal it saw")
+    model: str = Field(description="the model it ran on (a cascade: another model)")
+    view_equivalents: float = Field(
+        description="its compute, in the requested model's view-equivalents"
+    )
 
 
 class ImageResult(BaseModel):
@@ -39,7 +43,12 @@ class ImageResult(BaseModel):
     level: str | None = None
     views: int | None = None
     view_equivalents: float | None = Field(
-        default=None, description="compute: the views' pixels over one view at the input size"
+        default=None,
+        description="compute: the views' pixels over one view at the input size (a cascade's "
+        "other models' views counted in the requested model's views by measured cost)",
+    )
+    answered_by: list[str] | None = Field(
+        default=None, description="the models whose views the answer averages"
     )
     agreement: float | None = Field(
         default=None, description="share of the views whose own top-1 is the answer"

@@ -46,7 +46,8 @@ from PIL import Image
 
 from app.config import default_models_dir
 from app.jobs.datasets import read_labelled_folder
-from app.pipeline import JPEG_DRAFT_MARGIN, ImagePipeline, ImagePreparer
+from app.pipeline import ImagePipeline
+from app.preparer import JPEG_DRAFT_MARGIN, ImagePreparer
 from app.repository import ModelRepository
 from app.request import ClassifyRequest
 from app.runtime.engine import Engine

@@ -23,7 +23,7 @@ import torch
 
 from app.bench import SAMPLES
 from app.config import default_models_dir
-from app.pipeline import ImagePreparer
+from app.preparer import ImagePreparer
 from app.repository import ModelRepository
 from app.runtime.machine import cores
 from app.tta.limits import DecodeLimits

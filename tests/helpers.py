@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from app.model_config import ModelConfig, WeightsSource, write_model_config
-from app.pipeline import ImagePipeline, ImagePreparer, Prediction
+from app.pipeline import ImagePipeline, Prediction
+from app.preparer import ImagePreparer
 from app.request import ClassifyRequest
 from app.runtime.engine import Engine
 from app.runtime.plan import EngineOptions

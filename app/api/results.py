@@ -45,6 +45,7 @@ def image_result(
         "level": pred.level,
         "views": len(pred.views),
         "view_equivalents": round(pred.view_equivalents, 4),
+        "answered_by": pred.answered_by,
         "agreement": round(pred.agreement, 4),
         "temperature": pred.temperature,
         "spec": pred.spec,
@@ -52,7 +53,15 @@ def image_result(
     }
     if pred.stages:
         out["stages"] = [
-            {"spec": s.spec, "views": s.views, "ran": s.ran, "gate": s.gate, "signal": s.signal}
+            {
+                "spec": s.spec,
+                "views": s.views,
+                "ran": s.ran,
+                "gate": s.gate,
+                "signal": s.signal,
+                "model": s.model,
+                "view_equivalents": s.view_equivalents,
+            }
             for s in pred.stages
         ]
     out["seed"] = pred.seed

@@ -2,29 +2,40 @@
 after start-up (so ``/healthz`` answers at once and readiness says which models are still
 loading or failed; a model that fails to load does not stop the others), warmed, given its
 batcher; health (loading | ready | recovering | failed, and past the recovery limit) as
-every edge reports it; stopped. Per-request execution is ``service.py``'s."""
+every edge reports it; stopped. A model that a served model's policies run as a later
+stage (a cascade) is served too, loaded before the models that need it, and their
+readiness waits on it. Per-request execution is ``service.py``'s."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from app.config import Settings
-from app.errors import EvalResultsError, ModelNotReadyError, UnknownModelError
+from app.errors import (
+    EvalResultsError,
+    InvalidRequestError,
+    MidserveError,
+    ModelNotReadyError,
+    UnknownModelError,
+)
 from app.eval_results import EVAL_FILE, read_eval_results
 from app.metrics import Metrics
 from app.pipeline import ImagePipeline
+from app.preparer import StageModel
 from app.repository import ModelRepository
+from app.runtime.cost import ViewCost, view_cost
 from app.runtime.engine import Engine, pick_device
 from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions
 from app.serving.batching import ViewBatcher
 from app.serving.faults import FaultInjector, injector_from_spec
 from app.threads import name_os_thread
+from app.tta.stages import parse_policy
 from app.tta.views import view_pixels
 
 log = logging.getLogger(__name__)
@@ -39,20 +50,37 @@ class ModelSlot:
     pipeline: ImagePipeline | None = None
     batcher: ViewBatcher | None = None
     faults: FaultInjector | None = None  # only when the fault_injection setting names some
+    # the later-stage models its own policies (model.toml's views and auto) run on
+    stage_slots: list[ModelSlot] = field(default_factory=list)
 
     @property
     def engine(self) -> Engine | None:
         return self.pipeline.engine if self.pipeline else None
 
-    def health(self) -> tuple[str, str]:
-        """(state, why): loading | ready | failed, or recovering while a stalled forward
-        keeps a loaded model out of readiness."""
+    def own_health(self) -> tuple[str, str]:
+        """(state, why) of this model alone: loading | ready | failed, or recovering while
+        a stalled forward keeps a loaded model out of readiness."""
         if self.state == "ready" and self.batcher is not None and self.batcher.unready:
             return "recovering", self.batcher.unready
         return self.state, self.error
 
+    def health(self) -> tuple[str, str]:
+        """(state, why) as readiness reports it: its own, or while it is ready, that of a
+        later-stage model its policies cannot answer without."""
+        state, why = self.own_health()
+        if state != "ready":
+            return state, why
+        for other in self.stage_slots:
+            dep_state, dep_why = other.own_health()
+            if dep_state != "ready":
+                says = f": {dep_why}" if dep_why else ""
+                return dep_state, f"later-stage model {other.name!r} is {dep_state}{says}"
+        return state, why
+
     def ready(self) -> tuple[ImagePipeline, ViewBatcher]:
-        state, why = self.health()
+        """Its pipeline and batcher; a request that needs a later-stage model asks that
+        model's slot (so a plain request still runs while a later-stage model is out)."""
+        state, why = self.own_health()
         if state != "ready" or self.pipeline is None or self.batcher is None:
             raise ModelNotReadyError(f"model {self.name!r} is not ready: {why or 'still loading'}")
         return self.pipeline, self.batcher
@@ -73,6 +101,7 @@ class ServedModels:
         self.forward_plan = self.options.forward_plan(self.device.type)
         self._load_task: asyncio.Task[None] | None = None
         self._eval_mtimes: dict[str, float] = {}
+        self._costs: dict[tuple[str, str], ViewCost] = {}  # (requested, later) -> view cost
 
     def served_names(self) -> list[str]:
         wanted = self.settings.models
@@ -83,11 +112,74 @@ class ServedModels:
     async def start(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(self.forward_plan.threads)
-        for name in self.served_names():
+        for name in self.with_stage_models(self.served_names()):
             self.slots[name] = ModelSlot(name)
             self.metrics.model_ready.labels(name).set(0)
+        for name, slot in self.slots.items():
+            slot.stage_slots = [self.slots[m] for m in self.policy_stage_models(name)]
         self.refresh_eval_metrics()
         self._load_task = asyncio.get_running_loop().create_task(self._load_all())
+
+    def policy_stage_models(self, name: str) -> list[str]:
+        """The other models ``name``'s own policies (model.toml views and auto) run later
+        stages on; none when its config cannot be read (its load reports that)."""
+        try:
+            cfg = self.repository.config(name)
+        except MidserveError:
+            return []
+        texts = [t for t in (cfg.default_views, cfg.auto_views) if t]
+        models = [m for t in texts for m in parse_policy(t).models]
+        return [m for m in dict.fromkeys(models) if m != name]
+
+    def with_stage_models(self, names: list[str]) -> list[str]:
+        """``names`` and the later-stage models their policies need, those first: a model
+        is loaded and warmed before any model that runs a stage on it."""
+        ordered: list[str] = []
+
+        def visit(name: str, path: tuple[str, ...]) -> None:
+            if name in ordered or name in path:
+                return
+            for m in self.policy_stage_models(name):
+                visit(m, (*path, name))
+            ordered.append(name)
+
+        for name in names:
+            visit(name, ())
+        return ordered
+
+    def stage_model(self, requested: ModelSlot, name: str) -> StageModel:
+        """``name`` as a later stage of ``requested``'s request: served, ready, of the same
+        classes; what one of its views costs in ``requested``'s views."""
+        if name == requested.name:
+            raise InvalidRequestError(
+                f"a later stage names {name!r}, the requested model itself: leave the "
+                "model out for its own views"
+            )
+        if name not in self.slots:
+            raise InvalidRequestError(
+                f"a later stage names model {name!r}, which this server does not serve "
+                f"(served: {', '.join(self.slots)})"
+            )
+        own, _ = requested.ready()
+        other, _ = self.slots[name].ready()
+        if other.engine.model.labels.ids != own.engine.model.labels.ids:
+            raise InvalidRequestError(
+                f"model {name!r} has other classes than {requested.name!r}: its answers "
+                "cannot be combined"
+            )
+        cost = self._view_cost(requested.name, own, name, other)
+        return StageModel(name, other, cost.ratio, cost.source)
+
+    def _view_cost(
+        self, requested: str, own: ImagePipeline, name: str, other: ImagePipeline
+    ) -> ViewCost:
+        """One view of ``name`` in views of ``requested``, worked out once per pair."""
+        key = (requested, name)
+        if key not in self._costs:
+            cost = self._costs[key] = view_cost(other.engine, own.engine)
+            log.info("a view of %s costs %.3f views of %s (%s)", name, cost.ratio, requested,
+                     cost.source)  # fmt: skip
+        return self._costs[key]
 
     async def _load_all(self) -> None:
         for slot in self.slots.values():
@@ -133,7 +225,15 @@ class ServedModels:
         engine = load_engine(self.repository, slot.name, self.options)
         if self.options.warmup:
             engine.warm_up()
-        return ImagePipeline(engine, self.settings.max_views_per_request)
+        pipeline = ImagePipeline(
+            engine,
+            self.settings.max_views_per_request,
+            stage_models=lambda name: self.stage_model(slot, name),
+        )
+        for other in slot.stage_slots:  # its policies' unit of cost, known before requests
+            if other.state == "ready" and other.pipeline is not None:
+                self._view_cost(slot.name, pipeline, other.name, other.pipeline)
+        return pipeline
 
     def refresh_eval_metrics(self) -> None:
         """Offline evaluation results (models/<name>/eval.json) as gauges, re-read when the

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from app.config import Settings
 from app.errors import DeadlineExceededError, ForwardError, MidserveError, OverloadedError
 from app.metrics import Metrics
-from app.pipeline import ImagePipeline, Prediction, PreparedViews
+from app.pipeline import ImagePipeline, Prediction
+from app.preparer import PreparedViews
 from app.request import ClassifyRequest
 from app.runtime.engine import ViewOutputs
 from app.runtime.plan import EngineOptions
@@ -135,12 +136,13 @@ class ClassifyService(ServedModels):
         """One prepared image with its forwards through the batcher: forward with other
         requests' views, and for a staged policy, while the gate says so, cut the next
         stage from the same decoded image (in the preparation pool) and forward it ahead of
-        newer work (its queue room held while it is cut); predict here."""
+        newer work (its queue room held while it is cut) through its model's batcher (a
+        cascade's later model: that model's, batched with its own requests); predict here."""
         if isinstance(prepared, MidserveError):
             raise prepared
         pipeline, batcher = slot.ready()
         loop = asyncio.get_running_loop()
-        parts: list[ViewOutputs] = []
+        parts: list[ViewOutputs] = []  # each stage's outputs
         queue_wait = forward = reserved = 0.0
         while True:
             left = deadline - time.perf_counter()
@@ -158,18 +160,20 @@ class ClassifyService(ServedModels):
                 ) from exc
             parts.append(out)
             queue_wait, forward = queue_wait + timings.queue_wait_s, forward + timings.forward_s
-            outputs = ViewOutputs.concat(parts)
-            if not pipeline.goes_on(prepared, outputs, request.level):
+            if not pipeline.goes_on(prepared, parts, request.level):
                 break
             self.metrics.escalated.labels(slot.name, str(prepared.stages_run + 1)).inc()
-            cost = pipeline.preparer.view_equivalents(prepared.next_stage_views)
+            # the next stage's model (a cascade's other model, or this one) and its queue
+            model = prepared.policy.stages[prepared.stages_run].model
+            stage_pipeline, batcher = self.slot(model).ready() if model else (pipeline, batcher)
+            cost = stage_pipeline.preparer.view_equivalents(prepared.next_stage_views)
             reserved = batcher.reserve(cost)
             try:
                 await loop.run_in_executor(self._pre_pool, pipeline.next_stage, prepared)
             except BaseException:
                 batcher.release(reserved)
                 raise
-        pred = pipeline.predict(prepared, outputs, request, queue_wait, forward)
+        pred = pipeline.predict(prepared, parts, request, queue_wait, forward)
         self.metrics.observe_prediction(slot.name, pred, prepared.gates)
         return pred
 

@@ -7,28 +7,38 @@ first stage for every image, and each later stage only for the images whose *gat
 
     center|margin<0.4|full@288,mfull@288          stage 1, gate, stage 2
     center|prob<0.6|full@288,mfull@288|last       answer from the last stage's views only
+    center@256|margin<0.42|tf_efficientnet_lite2:full,mfull
+                                                  a cascade: stage 2 on another model
 
 Signals, all in [0, 1] and higher meaning surer: ``prob`` (top-1 probability), ``margin``
 (top-1 minus top-2 probability) and ``agree`` (the share of views run so far whose own top-1
 is the answer's; computed in app/answers.py). The answer averages every view run so far
 (``all``, the default) or only the last stage's (``last``). A plain spec is a policy of one
-stage. No torch in here: request parameters parse without it.
+stage. A later stage may run on another model of the repository (``MODEL:views``; the first
+stage always runs on the requested model): its views are cut from the image decoded for the
+first stage with that model's own preprocessing, and with ``all`` every model's views are
+averaged at the asked level within the model, then the models' averages weighted by their
+view counts (at the softmax level: the mean of every view's probabilities, as for one
+model). No torch in here: request parameters parse without it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from app.errors import InvalidRequestError
-from app.tta.views import ViewSpec, parse_view_spec
+from app.tta.views import KINDS, ViewSpec, parse_view_spec, split_kind
 
 Signal = Literal["prob", "margin", "agree"]
 SIGNALS: tuple[Signal, ...] = ("prob", "margin", "agree")
 Answer = Literal["all", "last"]
 MAX_STAGES = 3
 STAGE_SEPARATOR = "|"
+MODEL_SEPARATOR = ":"  # ``MODEL:views``: a later stage on another model
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a model folder's name
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,10 @@ class Gate:
 class Stage:
     spec: ViewSpec
     gate: Gate | None = None  # None for the first stage: it always runs
+    model: str | None = None  # another model of the repository; None: the requested one
+
+    def __str__(self) -> str:
+        return f"{self.model}{MODEL_SEPARATOR}{self.spec}" if self.model else str(self.spec)
 
 
 @dataclass(frozen=True)
@@ -74,10 +88,23 @@ class StagedPolicy:
 
     @property
     def joined(self) -> ViewSpec:
-        """Every stage's views in one spec, in stage order (what an image that goes
-        through every stage runs; planned at once, so a staged run and a one-shot run of
-        these views plan the same boxes)."""
-        return ViewSpec(tuple(p for stage in self.stages for p in stage.spec.parts))
+        """The views of every stage on the requested model in one spec, in stage order
+        (what an image that goes through every stage runs there; planned at once, so a
+        staged run and a one-shot run of these views plan the same boxes)."""
+        return self.views_on(None)
+
+    def views_on(self, model: str | None) -> ViewSpec:
+        """Every stage's views on ``model`` (None: the requested one), in stage order."""
+        return ViewSpec(tuple(p for s in self.stages if s.model == model for p in s.spec.parts))
+
+    @property
+    def models(self) -> list[str]:
+        """The other models its later stages run on, in order of first use."""
+        return list(dict.fromkeys(s.model for s in self.stages if s.model))
+
+    @property
+    def cascade(self) -> bool:
+        return bool(self.models)
 
     @property
     def stage_ends(self) -> list[int]:
@@ -94,9 +121,9 @@ class StagedPolicy:
         return sum(stage.spec.total for stage in self.stages)
 
     def __str__(self) -> str:
-        parts = [str(self.stages[0].spec)]
+        parts = [str(self.stages[0])]
         for stage in self.stages[1:]:
-            parts += [str(stage.gate), str(stage.spec)]
+            parts += [str(stage.gate), str(stage)]
         if self.answer == "last":
             parts.append("last")
         return STAGE_SEPARATOR.join(parts)
@@ -135,13 +162,39 @@ def parse_policy(text: str) -> StagedPolicy:
             f"staged views {text[:60]!r} must alternate stages and gates: "
             "spec|gate|spec, e.g. center|margin<0.4|full@288,mfull@288"
         )
-    specs = [parse_view_spec(t) for t in tokens[0::2]]
-    if len(specs) > MAX_STAGES:
-        raise InvalidRequestError(f"at most {MAX_STAGES} stages, got {len(specs)}")
-    if any(s.adaptive for s in specs):
+    if len(tokens) // 2 + 1 > MAX_STAGES:
+        raise InvalidRequestError(f"at most {MAX_STAGES} stages, got {len(tokens) // 2 + 1}")
+    parsed = [parse_stage_views(t) for t in tokens[0::2]]
+    if parsed[0][0] is not None:
+        raise InvalidRequestError(
+            f"the first stage runs on the requested model; {parsed[0][0]!r} may only name a "
+            "later stage's model (choose the first stage's model with the model parameter)"
+        )
+    if any(spec.adaptive for _, spec in parsed):
         raise InvalidRequestError("a stage cannot be 'auto': name its views")
     gates = [parse_gate(t) for t in tokens[1::2]]
-    stages = (Stage(specs[0]),) + tuple(
-        Stage(spec, gate) for spec, gate in zip(specs[1:], gates, strict=True)
+    stages = (Stage(parsed[0][1]),) + tuple(
+        Stage(spec, gate, model) for (model, spec), gate in zip(parsed[1:], gates, strict=True)
     )
     return StagedPolicy(stages, answer)
+
+
+def parse_stage_views(text: str) -> tuple[str | None, ViewSpec]:
+    """``views`` or ``MODEL:views`` (a view kind before the first ``:`` is a count's, as in
+    ``fixed:5``; anything else names a model)."""
+    head, sep, rest = text.partition(",")[0].partition(MODEL_SEPARATOR)
+    head = head.strip()
+    if not sep or split_kind(head.lower())[0] in KINDS:
+        return None, parse_view_spec(text)
+    if not MODEL_NAME.fullmatch(head):
+        raise InvalidRequestError(
+            f"stage {text.strip()[:60]!r}: {head[:40]!r} is neither a view kind "
+            f"({', '.join(KINDS)}) nor a model name"
+        )
+    try:
+        return head, parse_view_spec(text.strip()[len(head) + 1 :])
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(
+            f"stage {text.strip()[:60]!r} reads as views on model {head!r} ({head!r} is not a "
+            f"view kind: {', '.join(KINDS)}); {exc}"
+        ) from exc

@@ -29,6 +29,7 @@ EXTRAS = {
     "view_equivalents": ("FP32", "compute: the views' pixels over one view at the input size"),
     "agreement": ("FP32", "share of the views whose own top-1 is the answer"),
     "stages_run": ("INT32", "stages of a staged policy that ran (1 for a plain one)"),
+    "answered_by": ("BYTES", "the models whose views the answer averages, '+'-joined"),
 }
 REQUEST_PARAMS = ("views", "crops", "level", "top_k", "seed", "label")
 
@@ -148,6 +149,10 @@ def output_tensors(
             out.append(OutputTensor(name, "FP32", list(probs.shape), probs))
         else:
             datatype = EXTRAS[name][0]
+            if datatype == "BYTES":
+                joined = ["+".join(p.answered_by).encode() for p in preds]
+                out.append(OutputTensor(name, datatype, [n], joined))
+                continue
             column = {
                 "views": [len(p.views) for p in preds],
                 "view_equivalents": [p.view_equivalents for p in preds],

@@ -110,6 +110,11 @@ def parse_config(text: str) -> EvalConfig:
         return EvalConfig(None, level)
     if STAGE_SEPARATOR in spec_text:
         policy = parse_policy(spec_text)
+        if policy.cascade:
+            raise InvalidRequestError(
+                f"config {text!r}: a cascade's later stages run on other models, which one "
+                "model's view pool cannot score; --stage-models searches cascades"
+            )
         return EvalConfig(policy.joined, level, policy)
     return EvalConfig(parse_view_spec(spec_text), level)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from app.answers import StagedAnswers
+from app.answers import StagedAnswers, split_by_stage
 from app.config import Settings
 from app.errors import InvalidRequestError, MidserveError
 from app.jobs.datasets import LabelledImage, read_labelled_folder
@@ -41,7 +41,8 @@ from app.jobs.evaluate.report import build_report, write_report
 from app.jobs.evaluate.staged import StagedRow, encode_probs
 from app.jobs.evaluate.tables import Row
 from app.model_config import ModelConfig
-from app.pipeline import ImagePipeline, ImagePreparer
+from app.pipeline import ImagePipeline
+from app.preparer import ImagePreparer
 from app.repository import ModelRepository
 from app.request import Level
 from app.runtime.engine import Engine, ViewOutputs
@@ -143,9 +144,10 @@ class PoolScorer:
         head = self.engine.head
         if not policy.staged:  # plain configs stay uncalibrated: the report fits them
             return average_probabilities(out.features, out.logits, head, level), policy.total
-        answers = StagedAnswers(policy, level, head, self.temperatures)
-        k = answers.stages_to_run(out)
-        return answers.answer(out, k)[0], policy.stage_ends[k - 1]
+        answers = StagedAnswers(policy, level, {None: head}, self.temperatures)
+        parts = split_by_stage(out, policy)
+        k = answers.stages_to_run(parts)
+        return answers.answer(parts, k)[0], policy.stage_ends[k - 1]
 
     @torch.inference_mode()
     def score(self, batch: list[PlannedImage]) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ from app.errors import BackendUnavailableError, DataError
 from app.jobs.datasets import LabelledImage, read_labelled_folder, scan_unlabelled
 from app.jobs.evaluate.staged import fit_half
 from app.jobs.evaluate.tables import paired
-from app.pipeline import ImagePipeline, ImagePreparer
+from app.pipeline import ImagePipeline
+from app.preparer import ImagePreparer
 from app.repository import LoadedModel, ModelRepository
 from app.request import ClassifyRequest, check_level
 from app.runtime.backends import OpenVinoForward, openvino_model
