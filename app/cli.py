@@ -23,19 +23,24 @@ from app.jobs.import_fixres import cli as import_fixres_cli
 from app.jobs.quantize import cli as quantize_cli
 
 if TYPE_CHECKING:
+    from app.tta.stages import StagedPolicy
     from app.tta.views import ViewSpec
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec:
-    from app.tta.views import default_policy, parse_view_spec
+def _views_from_args(args: argparse.Namespace, default: str) -> ViewSpec | StagedPolicy:
+    """The views asked for: a view spec, or a staged policy (a cascade's later stages on
+    other models of the repository), as the server reads its ``views`` parameter."""
+    from app.tta.stages import parse_policy
+    from app.tta.views import default_policy
 
     if args.views and args.crops:
         raise MidserveError("give --views or --crops, not both")
     if args.crops:
         return default_policy(args.crops)
-    return parse_view_spec(args.views or default)
+    policy = parse_policy(args.views or default)
+    return policy if policy.staged else policy.first
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -61,6 +66,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    for name in request.policy.models:  # a cascade's other models: loaded, or a clear error
+        pipeline.preparer.stage_model(name)
     failed = 0
     total_views, t_start = 0, time.perf_counter()
     for path in args.images:
@@ -76,7 +83,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(json.dumps({"model": cfg.name, **image_result(pred, 0, str(path))}))
         else:
             best = ", ".join(f"{t.label} ({t.prob:.3f})" for t in pred.top)
-            print(f"{path}: {best}  [{len(pred.views)} views, {pred.level}]")
+            by = "" if pred.answered_by == [cfg.name] else f", by {'+'.join(pred.answered_by)}"
+            print(f"{path}: {best}  [{len(pred.views)} views, {pred.level}{by}]")
     elapsed = time.perf_counter() - t_start
     if not args.json and total_views:
         print(
@@ -164,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify image files with matched views")
     p.add_argument("images", nargs="+", help="image files")
     add_model_arg(p)
-    p.add_argument("--views", default=None, help="e.g. fixed:5,mfixed:5,random:10,mrandom:10")
+    p.add_argument(
+        "--views",
+        default=None,
+        help="e.g. fixed:5,mfixed:5,random:10,mrandom:10; staged: center|margin<0.4|full@288; "
+        "a cascade: center|margin<0.4|OTHER_MODEL:full,mfull",
+    )
     p.add_argument("--crops", type=int, default=None, help="crop count; the default policy mixes")
     p.add_argument("--level", default=None, choices=["feature", "logit", "softmax"])
     p.add_argument("--top-k", type=int, default=5)

@@ -58,6 +58,31 @@ def in_process_app(settings: Settings, *, wait_ready: bool = True) -> Iterator[T
         yield client
 
 
+@contextlib.contextmanager
+def app_with_grpc(
+    repo: Path, *, wait_ready: bool = True, **settings: Any
+) -> Iterator[tuple[TestClient, Any]]:
+    """The app of ``tiny_settings(repo, **settings)`` with its gRPC server on a free port
+    of 127.0.0.1, and the official gRPC client of it (tritonclient[grpc]). A port taken
+    between ``free_port`` and the bind is tried again on a new one."""
+    from tritonclient import grpc as grpcclient
+
+    from app.serve_process import free_port
+
+    for attempt in range(3):
+        port = free_port()
+        try:
+            with in_process_app(
+                tiny_settings(repo, grpc_port=port, grpc_host="127.0.0.1", **settings),
+                wait_ready=wait_ready,
+            ) as client:
+                yield client, grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+                return
+        except RuntimeError as exc:
+            if "bind" not in str(exc).lower() or attempt == 2:
+                raise
+
+
 def concurrently(client: TestClient, calls: list[Call], timeout_s: float = 60.0) -> list[Any]:
     """Run ``calls`` at once (asyncio.gather) on the app's event loop, each with an
     httpx.AsyncClient over ASGI; their responses in order."""

@@ -169,7 +169,8 @@ class ClassifyQuery(BaseModel):
     views: ViewsText | None = Field(
         None,
         description="view mix, e.g. fixed:5,mfixed:5,random:10; or a staged policy: "
-        "center|margin<0.4|full@288,mfull@288 (later views only where the gate is below)",
+        "center|margin<0.4|full@288,mfull@288 (later views only where the gate is below); "
+        "a later stage may run on another served model: center|margin<0.4|MODEL:full,mfull",
     )
     level: LevelText | None = Field(None, description=f"averaging level: {', '.join(LEVELS)}")
     top_k: Annotated[int, BeforeValidator(_integer)] = Field(

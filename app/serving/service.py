@@ -83,12 +83,13 @@ class ClassifyService(ServedModels):
         pool (one hand-off back to the event loop per request, not per image), then each
         through the batcher at once. An image that fails on its own (bad bytes, too many
         views) comes back as its error; a failure of the whole request (overload,
-        deadline) raises, as does anything that is not a domain error (a server bug)."""
+        deadline, a cascade's later model that is not served, ready or of the same classes)
+        raises, as does anything that is not a domain error (a server bug)."""
         pipeline, _ = slot.ready()
         arrived = time.perf_counter()
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(
-            self._pre_pool, prepare_all, pipeline, images, request
+            self._pre_pool, self.prepare_request, slot, pipeline, images, request
         )
         gathered: list[Outcome | BaseException]
         if len(prepared) == 1:  # the common case: no task, no gather
@@ -124,6 +125,24 @@ class ClassifyService(ServedModels):
                 )
         return outcomes
 
+    def prepare_request(
+        self,
+        slot: ModelSlot,
+        pipeline: ImagePipeline,
+        images: Sequence[bytes],
+        request: ClassifyRequest,
+    ) -> list[PreparedViews | MidserveError]:
+        """In the preparation pool: the later-stage models the request's policy names
+        (``auto``: the model's measured policy) each served, ready and of the same classes,
+        else the whole request fails before any image is decoded (a first cost of a pair
+        of models is worked out here, off the event loop); then every image prepared."""
+        policy = request.policy
+        if policy.adaptive:
+            policy = pipeline.preparer.measured_auto or policy
+        for name in policy.models:
+            self.stage_model(slot, name)
+        return prepare_all(pipeline, images, request)
+
     # -- one image ------------------------------------------------------------------
     async def classify_image(
         self,
@@ -140,7 +159,8 @@ class ClassifyService(ServedModels):
         cascade's later model: that model's, batched with its own requests); predict here."""
         if isinstance(prepared, MidserveError):
             raise prepared
-        pipeline, batcher = slot.ready()
+        pipeline, own_batcher = slot.ready()
+        batcher = own_batcher  # the current stage's model's
         loop = asyncio.get_running_loop()
         parts: list[ViewOutputs] = []  # each stage's outputs
         queue_wait = forward = reserved = 0.0
@@ -165,7 +185,7 @@ class ClassifyService(ServedModels):
             self.metrics.escalated.labels(slot.name, str(prepared.stages_run + 1)).inc()
             # the next stage's model (a cascade's other model, or this one) and its queue
             model = prepared.policy.stages[prepared.stages_run].model
-            stage_pipeline, batcher = self.slot(model).ready() if model else (pipeline, batcher)
+            stage_pipeline, batcher = self.slot(model).ready() if model else (pipeline, own_batcher)
             cost = stage_pipeline.preparer.view_equivalents(prepared.next_stage_views)
             reserved = batcher.reserve(cost)
             try:

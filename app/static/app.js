@@ -226,23 +226,26 @@
     $("mid-caption").textContent =
       `${r.views} views (${r.spec}), ${r.level} averaging, ` +
       `${r.view_equivalents} view-equivalents, ${Math.round(100 * r.agreement)} % of views agree`;
-    $("stages").textContent = stagesText(r.stages);
+    $("stages").textContent = stagesText(r.stages, r.answered_by);
     fillTop($("top-center"), c.top, null);
     fillTop($("top-mid"), r.top, c.top[0]);
     fillTimings(center, mid);
     fillViewList();
   }
 
-  // a staged policy's answer says which stages ran and what each gate saw
-  function stagesText(stages) {
+  // a staged policy's answer says which stages ran, on which model (a cascade runs later
+  // stages on others), what each gate saw, and the models whose views the answer averages
+  function stagesText(stages, answeredBy) {
     if (!stages) return "";
-    return stages
+    const text = stages
       .map((s, i) => {
+        const on = s.model ? ` on ${s.model}` : "";
         const gate = s.gate ? ` if ${s.gate}` : "";
         const seen = s.signal === null || s.signal === undefined ? "" : ` (saw ${s.signal})`;
-        return `stage ${i + 1}: ${s.spec}${gate}${seen}: ${s.ran ? "ran" : "skipped"}`;
+        return `stage ${i + 1}: ${s.spec}${on}${gate}${seen}: ${s.ran ? "ran" : "skipped"}`;
       })
       .join("; ");
+    return answeredBy && answeredBy.length ? `${text}; answered by ${answeredBy.join("+")}` : text;
   }
 
   function sizeCanvas() {

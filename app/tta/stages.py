@@ -182,7 +182,7 @@ def parse_policy(text: str) -> StagedPolicy:
 def parse_stage_views(text: str) -> tuple[str | None, ViewSpec]:
     """``views`` or ``MODEL:views`` (a view kind before the first ``:`` is a count's, as in
     ``fixed:5``; anything else names a model)."""
-    head, sep, rest = text.partition(",")[0].partition(MODEL_SEPARATOR)
+    head, sep, _ = text.partition(",")[0].partition(MODEL_SEPARATOR)
     head = head.strip()
     if not sep or split_kind(head.lower())[0] in KINDS:
         return None, parse_view_spec(text)
@@ -191,8 +191,8 @@ def parse_stage_views(text: str) -> tuple[str | None, ViewSpec]:
             f"stage {text.strip()[:60]!r}: {head[:40]!r} is neither a view kind "
             f"({', '.join(KINDS)}) nor a model name"
         )
-    try:
-        return head, parse_view_spec(text.strip()[len(head) + 1 :])
+    try:  # the text's first ``:`` (before any ``,``) ends the model's name
+        return head, parse_view_spec(text.partition(MODEL_SEPARATOR)[2])
     except InvalidRequestError as exc:
         raise InvalidRequestError(
             f"stage {text.strip()[:60]!r} reads as views on model {head!r} ({head!r} is not a "

@@ -1,27 +1,27 @@
 """/v1, the Open Inference Protocol over REST and over gRPC report one health: the same
 liveness, readiness and model readiness in every state a model goes through (loading,
-ready, recovering from a stalled forward, past its recovery limit, failed to load), and the
-same token rules for their probes (``open_probes`` true and false).
+ready, recovering from a stalled forward, past its recovery limit, failed to load, waiting
+on a later-stage model its policies cascade to), and the same token rules for their probes
+(``open_probes`` true and false).
 
 The real app in process, its gRPC server on a free port of 127.0.0.1, the official gRPC
 client; the states are made by the fault-injection setting (app/serving/faults.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.serve_process import free_port
+from app.model_config import load_model_config, write_model_config
 from app.serving.faults import FaultInjector
-from tests.helpers import image_bytes
-from tests.inprocess import in_process_app, tiny_settings, wait_until_ready
+from tests.helpers import image_bytes, make_tiny_model
+from tests.inprocess import app_with_grpc, wait_until_ready
 
 grpcclient = pytest.importorskip(
     "tritonclient.grpc", reason="tritonclient[grpc] is not installed (the dev extra has it)"
@@ -30,26 +30,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TOKEN = "edge-token"
 Health = dict[str, bool]
-
-
-@contextlib.contextmanager
-def app_with_grpc(
-    repo: Path, *, wait_ready: bool = True, **settings: Any
-) -> Iterator[tuple[TestClient, Any]]:
-    """The app and a gRPC client of its gRPC port. A port taken between ``free_port`` and
-    the bind is tried again on a new one."""
-    for attempt in range(3):
-        port = free_port()
-        try:
-            with in_process_app(
-                tiny_settings(repo, grpc_port=port, grpc_host="127.0.0.1", **settings),
-                wait_ready=wait_ready,
-            ) as client:
-                yield client, grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-                return
-        except RuntimeError as exc:
-            if "bind" not in str(exc).lower() or attempt == 2:
-                raise
 
 
 def injector(client: TestClient) -> FaultInjector:
@@ -166,6 +146,58 @@ def test_a_model_that_failed_to_load(tmp_path: Path, tiny_repo: Path) -> None:
         )
         agree(every_edge(client, grpc, "broken"), live=True, ready=False, model_ready=False)
         agree(every_edge(client, grpc, "tiny"), live=True, ready=False, model_ready=True)
+
+
+def cascading_repo(root: Path, tiny_repo: Path, later: str) -> Path:
+    """tiny, whose ``auto`` policy runs a second stage on ``later``, and tiny2 (same
+    classes, its own size and weights)."""
+    shutil.copytree(tiny_repo / "tiny", root / "tiny")
+    make_tiny_model(root, "tiny2", input_size=80, crop_pct=0.875, seed=1, interpolation="bicubic")
+    cfg = load_model_config(root / "tiny")
+    auto = f"center|margin<1|{later}:center"
+    write_model_config(cfg.with_changes(default_views="auto", auto_views=auto), root / "tiny")
+    return root
+
+
+def test_a_later_stage_model_is_served_first_and_ready_with_it(
+    tmp_path: Path, tiny_repo: Path
+) -> None:
+    repo = cascading_repo(tmp_path, tiny_repo, "tiny2")
+    with app_with_grpc(repo, models=["tiny"]) as (client, grpc):  # tiny2 is not listed
+        ready = client.get("/readyz").json()
+        assert list(ready["models"]) == ["tiny2", "tiny"]  # loaded before the model needing it
+        assert all(m["state"] == "ready" for m in ready["models"].values())
+        for model in ("tiny", "tiny2"):
+            agree(every_edge(client, grpc, model), live=True, ready=True, model_ready=True)
+        files = {"images": ("a.png", image_bytes(100, 80, seed=2), "image/png")}
+        result = client.post("/v1/models/tiny/classify", files=files).json()["results"][0]
+        assert result["policy"] == "auto" and result["spec"] == "center:1|margin<1|tiny2:center:1"
+        assert result["answered_by"] == ["tiny", "tiny2"]
+
+
+def test_a_later_stage_model_that_failed_to_load(tmp_path: Path, tiny_repo: Path) -> None:
+    repo = cascading_repo(tmp_path, tiny_repo, "broken")
+    shutil.copytree(tiny_repo / "tiny", repo / "broken")
+    (repo / "broken" / "weights.safetensors").unlink()
+    with app_with_grpc(repo, wait_ready=False, models=["tiny"]) as (client, grpc):
+        slots = client.app.state.service.slots  # type: ignore[attr-defined]
+        wait_for(lambda: "tiny" in slots and slots["tiny"].state == "ready", "tiny not loaded")
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        models = ready.json()["models"]
+        assert models["broken"]["state"] == "failed"
+        assert models["tiny"]["state"] == "failed"  # it cannot answer its own policy
+        assert "later-stage model 'broken' is failed" in models["tiny"]["error"]
+        agree(every_edge(client, grpc, "tiny"), live=True, ready=False, model_ready=False)
+        why = client.get("/v2/models/tiny/ready").json()["error"]
+        assert "later-stage model 'broken'" in why
+        # its own views still run; its policy, which needs broken, is refused as a whole
+        files = {"images": ("a.png", image_bytes(100, 80, seed=2), "image/png")}
+        plain = client.post("/v1/models/tiny/classify?views=center", files=files)
+        assert plain.status_code == 200 and plain.json()["results"][0]["answered_by"] == ["tiny"]
+        auto = client.post("/v1/models/tiny/classify", files=files)
+        assert auto.status_code == 503, auto.text
+        assert "model 'broken' is not ready" in auto.json()["error"]["message"]
 
 
 def refused(call: Callable[[], Any]) -> str:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import image_bytes, run_cli
+from tests.helpers import image_bytes, make_tiny_model, run_cli
 
 pytestmark = pytest.mark.slow  # the command line end to end, a process per call
 
@@ -73,3 +75,30 @@ def test_classify_crops_and_errors(tiny_repo: Path, tmp_path: Path) -> None:
         "classify", "--models-dir", str(tiny_repo), "--model", "tiny", "--views", "zoom:3", str(img)
     )
     assert res.returncode == 2 and "unknown view kind" in res.stderr
+
+
+def test_classify_a_cascade(tiny_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    make_tiny_model(repo, "tiny2", input_size=80, crop_pct=0.875, seed=1, interpolation="bicubic")
+    img = tmp_path / "x.png"
+    img.write_bytes(image_bytes(120, 90, seed=3))
+
+    def classify(model: str, views: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("classify", "--models-dir", str(repo), "--model", model, "--json",
+                       "--views", views, "--seed", "1", "--top-k", "10", str(img))  # fmt: skip
+
+    res = classify("tiny", "center|margin<1|tiny2:full,mfull")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["answered_by"] == ["tiny", "tiny2"] and out["views"] == 3
+    assert [s["model"] for s in out["stages"]] == ["tiny", "tiny2"]
+    assert out["view_equivalents"] > 1 + out["stages"][1]["views"]  # 80 px views cost more
+    # ``last``: tiny2's own answer for its views (planned with its geometry)
+    last = json.loads(classify("tiny", "center|margin<1|tiny2:center|last").stdout)
+    own = json.loads(classify("tiny2", "center").stdout)
+    assert last["answered_by"] == ["tiny2"] and last["view_boxes"][1] == own["view_boxes"][0]
+    assert [t["prob"] for t in last["top"]] == pytest.approx([t["prob"] for t in own["top"]])
+    res = classify("tiny", "center|margin<1|tiny3:center")  # before any image is read
+    assert res.returncode == 2 and "'tiny3', which is not in the repository" in res.stderr
+    assert res.stdout == ""

@@ -1,20 +1,28 @@
 """Staged policies through the real pipeline on the tiny model: the gate, the answer, and
-calibration, against one-shot runs of the same views."""
+calibration, against one-shot runs of the same views; cascades (a later stage on a second
+tiny model) against each model's own answers."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from app.pipeline import ImagePipeline
-from app.request import ClassifyRequest
-from app.runtime.engine import Engine
+from app.answers import StagedAnswers
+from app.local_pipeline import local_pipeline
+from app.pipeline import ImagePipeline, Prediction
+from app.repository import ModelRepository
+from app.request import ClassifyRequest, Level
+from app.runtime.cost import gflops_per_view
+from app.runtime.engine import Engine, ViewOutputs
 from app.tta.calibration import calibrate
 from app.tta.stages import parse_policy
 from app.tta.views import parse_view_spec
-from tests.helpers import image_bytes
+from tests.helpers import FLOAT32, image_bytes, make_tiny_model
 
 SECOND = "full@96,mfull@96"
 IMAGES = [image_bytes(90 + 7 * i, 70 + 5 * i, seed=i) for i in range(8)]
@@ -94,3 +102,138 @@ def test_agreement_is_the_share_of_views_whose_top1_is_the_answer(tiny_engine: E
     assert pred.agreement == pytest.approx(sum(v.index == answer for v in pred.view_top1) / 10)
     assert pred.view_equivalents == 10.0
     assert str(parse_view_spec("fixed:5,mfixed:5")) == pred.spec and pred.stages is None
+
+
+# -- cascades -----------------------------------------------------------------------------
+C, D = 10, 6
+
+
+def _outputs(n: int, seed: int) -> ViewOutputs:
+    g = torch.Generator().manual_seed(seed)
+    return ViewOutputs(torch.randn(n, D, generator=g), 2 * torch.randn(n, C, generator=g))
+
+
+def _head(seed: int) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(D, C)
+
+
+def test_staged_answers_average_each_model_then_weigh_the_models_by_views() -> None:
+    policy = parse_policy("center,fixed:2|margin<1|m2:full,mfull")
+    own, other = _outputs(3, 0), _outputs(2, 1)  # stage 1 on the requested model, 2 on m2
+    heads = {None: _head(0), "m2": _head(1)}
+    answers = {
+        level: StagedAnswers(policy, level, heads, {}) for level in ("softmax", "logit", "feature")
+    }
+    with torch.no_grad():
+        probs, temperature = answers["softmax"].answer([own, other], 2)
+        every = torch.softmax(torch.cat([own.logits, other.logits]), dim=-1).mean(0)
+        assert torch.allclose(probs, every, atol=1e-6) and temperature == 1.0
+        probs, _ = answers["logit"].answer([own, other], 2)
+        per_model = [torch.softmax(o.logits.mean(0), dim=-1) for o in (own, other)]
+        assert torch.allclose(probs, (3 * per_model[0] + 2 * per_model[1]) / 5, atol=1e-6)
+        probs, _ = answers["feature"].answer([own, other], 2)
+        pooled = [
+            torch.softmax(h(o.features.mean(0)), dim=-1)
+            for h, o in ((heads[None], own), (heads["m2"], other))
+        ]
+        assert torch.allclose(probs, (3 * pooled[0] + 2 * pooled[1]) / 5, atol=1e-6)
+        # after the first stage: the requested model's views alone
+        first, _ = answers["logit"].answer([own], 1)
+        assert torch.allclose(first, per_model[0], atol=1e-6)
+
+
+def test_staged_answers_of_a_cascade_answer_last_gate_and_calibrate() -> None:
+    own, other = _outputs(1, 2), _outputs(2, 3)
+    heads = {None: _head(0), "m2": _head(1)}
+    last = StagedAnswers(parse_policy("center|margin<1|m2:full,mfull|last"), "softmax", heads, {})
+    probs, _ = last.answer([own, other], 2)
+    assert torch.allclose(probs, torch.softmax(other.logits, dim=-1).mean(0), atol=1e-6)
+    # the requested model's temperature for the views averaged, a later stage's keyed
+    # with its model; another model's own calibration does not apply
+    policy = parse_policy("center|prob<1|m2:full,mfull")
+    key = "center:1,m2:full:1,mfull:1@softmax"
+    calibrated = StagedAnswers(policy, "softmax", heads, {key: 0.5})
+    plain = StagedAnswers(policy, "softmax", heads, {})
+    probs, temperature = calibrated.answer([own, other], 2)
+    assert temperature == 0.5
+    assert torch.allclose(probs, calibrate(plain.answer([own, other], 2)[0], 0.5), atol=1e-6)
+    # the gate before stage 2 sees the requested model's answer alone; agreement counts
+    # every view run so far, of every model
+    record = plain.gate([own], 1)
+    assert record.value == pytest.approx(float(torch.softmax(own.logits[0], dim=-1).max()))
+    assert record.went_on
+    agree = StagedAnswers(
+        parse_policy("center|prob<1|m2:full,mfull|agree<0.9|fixed:2"), "softmax", heads, {}
+    )
+    answer, _ = agree.answer([own, other], 2)
+    views_top1 = torch.cat([own.logits, other.logits]).argmax(-1)
+    expected = float((views_top1 == answer.argmax()).float().mean())
+    assert agree.gate([own, other], 2).value == pytest.approx(expected)
+    stopped = StagedAnswers(parse_policy("center|prob<0|m2:full"), "softmax", heads, {})
+    assert stopped.stages_to_run([own, other]) == 1
+
+
+@pytest.fixture(scope="module")
+def cascade_repo(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny; tiny2: other input size, crop_pct, interpolation and weights, same classes;
+    tiny3: tiny's interpolation (its resized copies are shared with tiny's), other sizes."""
+    root = tmp_path_factory.mktemp("cascade-models")
+    shutil.copytree(tiny_repo / "tiny", root / "tiny")
+    make_tiny_model(root, "tiny2", input_size=80, crop_pct=0.875, seed=1, interpolation="bicubic")
+    make_tiny_model(root, "tiny3", input_size=72, crop_pct=0.9, seed=2)
+    return root
+
+
+@functools.cache
+def _engine(repo: Path, name: str) -> Engine:
+    return Engine(ModelRepository(repo).load(name, "cpu"), FLOAT32)
+
+
+@functools.cache
+def _cascading(repo: Path) -> ImagePipeline:
+    """tiny's pipeline, a cascade's later-stage models loaded from the repository on use."""
+    options = FLOAT32.with_changes(tune=False, warmup=False)
+    return local_pipeline(ModelRepository(repo), _engine(repo, "tiny"), options)
+
+
+def _cascade(repo: Path, data: bytes, views: str, level: Level = "softmax") -> Prediction:
+    request = ClassifyRequest(parse_policy(views), level, top_k=3, seed=3)
+    return _cascading(repo).classify(data, request)
+
+
+def _alone(repo: Path, name: str, data: bytes, views: str, level: Level = "softmax") -> Prediction:
+    request = ClassifyRequest(parse_view_spec(views), level, top_k=3, seed=3)
+    return ImagePipeline(_engine(repo, name)).classify(data, request)
+
+
+@pytest.mark.parametrize("other", ["tiny2", "tiny3"])
+def test_a_cascades_last_stage_answers_as_its_model_alone(cascade_repo: Path, other: str) -> None:
+    for data in IMAGES[5:7]:
+        last = _cascade(cascade_repo, data, f"center|margin<1|{other}:fixed:2,full|last")
+        own = _alone(cascade_repo, other, data, "fixed:2,full")
+        assert last.answered_by == [other] and last.views[1:] == own.views
+        assert torch.allclose(last.probs, own.probs, atol=1e-6)
+
+
+def test_a_cascade_answers_from_each_models_own_views(cascade_repo: Path) -> None:
+    data = IMAGES[4]
+    last = _cascade(cascade_repo, data, "center|margin<1|tiny2:center|last")
+    own = _alone(cascade_repo, "tiny2", data, "center")
+    assert last.answered_by == ["tiny2"] and last.views[1] == own.views[0]
+    assert torch.allclose(last.probs, own.probs, atol=1e-6)
+    levels: tuple[Level, ...] = ("softmax", "logit")
+    for level in levels:
+        both = _cascade(cascade_repo, data, "center|margin<1|tiny2:full,mfull|margin<1|full", level)
+        first = _alone(cascade_repo, "tiny", data, "center,full", level)
+        second = _alone(cascade_repo, "tiny2", data, "full,mfull", level)
+        assert both.answered_by == ["tiny", "tiny2"]
+        assert [s.model for s in both.stages or []] == ["tiny", "tiny2", "tiny"]
+        assert torch.allclose(both.probs, (2 * first.probs + 2 * second.probs) / 4, atol=1e-6)
+    # compute in tiny's views: tiny2's own pixels times its FLOPs per view over tiny's
+    configs = ModelRepository(cascade_repo)
+    ratio = gflops_per_view(configs.config("tiny2")) / gflops_per_view(configs.config("tiny"))
+    assert ratio > 1  # 80 px views of a network alike cost more than 64 px ones
+    assert last.stages is not None
+    assert last.stages[1].view_equivalents == pytest.approx(own.view_equivalents * ratio, abs=1e-4)
+    assert last.view_equivalents == pytest.approx(1.0 + own.view_equivalents * ratio, abs=1e-4)

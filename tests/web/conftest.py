@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import default_models_dir
-from tests.helpers import DEFAULT_MODEL, PROJECT_ROOT, sample_files
+from tests.helpers import PROJECT_ROOT, copy_default_model, make_tiny_model, sample_files
 from tests.server import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -70,13 +69,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def web_models(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The tiny model, plus the real default model when the shared sample photos exist."""
+    """The tiny model and another one a cascade's later stage runs on, plus the real
+    default model when the shared sample photos exist."""
     root = tmp_path_factory.mktemp("web-models")
     shutil.copytree(tiny_repo / "tiny", root / "tiny")
-    names = ["tiny"]
+    make_tiny_model(root, "tiny2", input_size=80, crop_pct=0.875, seed=1, interpolation="bicubic")
+    names = ["tiny", "tiny2"]
     if sample_files():
-        shutil.copytree(default_models_dir() / DEFAULT_MODEL, root / DEFAULT_MODEL)
-        names.append(DEFAULT_MODEL)
+        names += copy_default_model(root)
     return root, ",".join(names)
 
 

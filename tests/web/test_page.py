@@ -125,6 +125,9 @@ CASES = [
         "tiny", {"views": "center|margin<1|full@96,mfull@96"}, "softmax", id="tiny-staged"
     ),
     pytest.param(
+        "tiny", {"views": "center|margin<1|tiny2:full,mfull"}, "softmax", id="tiny-cascade"
+    ),
+    pytest.param(
         DEFAULT_MODEL, {"crops": "20"}, "softmax", id="default-model", marks=pytest.mark.slow
     ),
 ]
@@ -178,11 +181,15 @@ def test_page_draws_views_and_top5_matching_the_api(
     assert m["spec"] in caption and level in caption
     assert f"{m['view_equivalents']:g} view-equivalents" in caption
     stage_text = driver.find_element(By.ID, "stages").text
-    if m.get("stages"):  # a staged policy: which stages ran and what each gate saw
+    if m.get("stages"):  # a staged policy: which stages ran, on which model, what gates saw
         for k, stage in enumerate(m["stages"]):
-            shown = f"stage {k + 1}: {stage['spec']}"
+            shown = f"stage {k + 1}: {stage['spec']} on {stage['model']}"
             assert shown in stage_text and ("ran" if stage["ran"] else "skipped") in stage_text
         assert f"saw {m['stages'][1]['signal']:g}" in stage_text
+        assert f"answered by {'+'.join(m['answered_by'])}" in stage_text
+        if "tiny2:" in mid.get("views", ""):  # the cascade: its second stage on tiny2
+            assert [s["model"] for s in m["stages"]] == ["tiny", "tiny2"]
+            assert m["answered_by"] == ["tiny", "tiny2"]
     else:
         assert stage_text == ""
     assert f"seed {seed}" in driver.find_element(By.ID, "summary").text
