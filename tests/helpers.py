@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,23 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = PROJECT_ROOT.parent / "shared" / "data" / "imagenet-samples"
 SAMPLES_MISSING = "shared/data/imagenet-samples is absent (../shared beside the checkout)"
 DEFAULT_MODEL = "tf_efficientnet_lite0"  # the embedded default model (real ImageNet weights)
+
+
+def copy_default_model(root: Path, ignore: Callable[..., Any] | None = None) -> list[str]:
+    """The default model's repository entry copied under ``root``, with the later-stage
+    models its own policies run (its default is a cascade); their names, default first."""
+    from app.config import default_models_dir
+    from app.repository import ModelRepository
+    from app.tta.stages import parse_policy
+
+    cfg = ModelRepository(default_models_dir()).config(DEFAULT_MODEL)
+    later = [m for t in (cfg.default_views, cfg.auto_views) if t for m in parse_policy(t).models]
+    names = [DEFAULT_MODEL, *dict.fromkeys(later)]
+    for name in names:
+        shutil.copytree(default_models_dir() / name, root / name, ignore=ignore)
+    return names
+
+
 # Distinct base colours: the class is learnable from colour alone, whatever the features.
 PALETTE = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
 

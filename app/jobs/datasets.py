@@ -10,7 +10,8 @@ Labelled layouts, detected in this order by ``read_labelled_folder``:
 ``labels-file``  a flat folder plus a labels file in the ILSVRC2012 val formats:
                  ``val.txt`` style lines ``ILSVRC2012_val_00000001.JPEG 65`` (class index or
                  synset after the file name), or ``LOC_val_solution.csv``
-                 (``ImageId,PredictionString``, the synset is the first token). Given with
+                 (``ImageId,PredictionString``, the synset is the first token), or a
+                 ``file,synset[,index]`` CSV (shared/data/imagenet-compatible-500). Given with
                  ``labels_file`` or found in the folder under one of ``LABEL_FILE_NAMES``.
 ``prefix``       a flat folder whose file names start with the class id and an underscore
                  (``n01440764_tench.JPEG``), as in shared/data/imagenet-samples.
@@ -35,7 +36,9 @@ from app.labels import LabelSet
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 )
-LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val.txt", "val_labels.txt", "labels.txt")
+LABEL_FILE_NAMES = (
+    "LOC_val_solution.csv", "val.txt", "val_labels.txt", "labels.txt", "labels.csv",
+)  # fmt: skip
 ClassOrder = Literal["ids", "sorted"]
 CLASS_ORDERS: tuple[ClassOrder, ...] = ("ids", "sorted")
 _PREFIX_RE = re.compile(r"^([^_]+)_")

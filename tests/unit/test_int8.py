@@ -58,16 +58,14 @@ def test_quantized_default_model_agrees_on_real_photos_and_the_tuner_follows_its
     most MAX_PHOTOS_LOST photos there."""
     import shutil
 
-    from app.config import default_models_dir
     from app.jobs.quantize.run import quantize
     from app.runtime.int8 import MAX_PHOTOS_LOST
-    from tests.helpers import DEFAULT_MODEL, SAMPLES_DIR, SAMPLES_MISSING
+    from tests.helpers import DEFAULT_MODEL, SAMPLES_DIR, SAMPLES_MISSING, copy_default_model
 
     if not SAMPLES_DIR.is_dir():
         pytest.skip(SAMPLES_MISSING)
     models = tmp_path / "models"
-    shutil.copytree(default_models_dir() / DEFAULT_MODEL, models / DEFAULT_MODEL,
-                    ignore=shutil.ignore_patterns("int8"))  # fmt: skip
+    copy_default_model(models, ignore=shutil.ignore_patterns("int8"))
     report = quantize(models, DEFAULT_MODEL, SAMPLES_DIR, 600, 0)
     assert report["agrees"], report
     top1 = report["top1"]

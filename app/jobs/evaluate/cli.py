@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import app.jobs.evaluate as job
 from app.cli_args import (
@@ -15,7 +16,13 @@ from app.cli_args import (
 )
 from app.errors import InvalidRequestError
 from app.jobs.args import add_class_order_arg
-from app.jobs.evaluate.configs import PRESETS, EvalOptions, parse_configs, parse_sweep
+from app.jobs.evaluate.configs import (
+    AUTO_STAGE_MODELS,
+    PRESETS,
+    EvalOptions,
+    parse_configs,
+    parse_sweep,
+)
 from app.request import LEVELS
 
 
@@ -24,12 +31,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     configs = parse_configs(args.configs)
     sweep = parse_sweep(args.sweep, args.sweep_level)
-    out = args.out or Path("runs") / "eval" / f"{args.model}-{args.data.resolve().name}"
+    folders: list[Path] = args.data
+    stage_models = args.stage_models or (
+        [AUTO_STAGE_MODELS] if "policies" in " ".join(args.configs).split(";") else ["none"]
+    )
+    cascades = len(folders) > 1 or stage_models != ["none"]
+    name = "cascades" if cascades else folders[0].resolve().name
+    out = args.out or Path("runs") / "eval" / f"{args.model}-{name}"
     if args.workers < 0 or args.limit < 0 or args.time_images < 0:
         raise InvalidRequestError("--workers, --limit and --time-images must not be negative")
+    if len(folders) > 1 and (args.labels_file or args.sweep):
+        raise InvalidRequestError("--labels-file and --sweep take one --data folder")
     opts = EvalOptions(
         model=args.model,
-        data=args.data,
+        data=folders[0],
         out=out,
         configs=configs,
         sweep=sweep,
@@ -50,23 +65,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         policy_budget=args.write_policy,
         stage_budgets=tuple(args.stage_budgets),
     )
-    report = run_evaluation(opts, settings_from_args(args))
+    settings = settings_from_args(args)
+    if cascades:
+        from app.jobs.evaluate.cascade import run_cascade_search
+
+        searched = run_cascade_search(opts, folders, stage_models, settings)
+        sys.stdout.write((out / "cascades.md").read_text())
+        _say_written(searched, out)
+        return 0
+    report = run_evaluation(opts, settings)
     if report is not None:
         sys.stdout.write((out / "results.md").read_text())
-        print(f"\nwritten to {out}", file=sys.stderr)
-        if "policy_written" in report:
-            written = report["policy_written"]
-            print(f"views=auto now serves {written['spec']} (test-half top-1 "
-                  f"{100 * written['top1']:.1f} %, {written['view_equivalents']:.2f} "
-                  "view-equivalents per image)", file=sys.stderr)  # fmt: skip
+        _say_written(report, out)
     return 0
+
+
+def _say_written(report: dict[str, Any], out: Path) -> None:
+    print(f"\nwritten to {out}", file=sys.stderr)
+    written = report.get("policy_written")
+    if written:
+        print(f"views=auto now serves {written['spec']} (test-half top-1 "
+              f"{100 * written['top1']:.1f} %, {written['view_equivalents']:.2f} "
+              "view-equivalents per image)", file=sys.stderr)  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     summary = "accuracy of view configs on a labelled folder (MID tables, Fig. 3)"
     p = add_job_parser(sub, "evaluate", summary, job.__doc__)
     add_model_arg(p)
-    p.add_argument("--data", type=Path, required=True, help="labelled image folder")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="labelled image folder(s); several: one policy search over all of "
+                   "them, reported pooled and per folder")  # fmt: skip
+    p.add_argument("--stage-models", nargs="+", default=None, metavar="MODEL",
+                   help="models tried as a cascade's later stage: names, 'auto' (every other "
+                   "model of the repository with the same classes) or 'none'; default: auto "
+                   "with the policies preset, else none")  # fmt: skip
     p.add_argument("--labels-file", type=Path, default=None, help="val.txt or LOC_val_solution.csv")
     add_class_order_arg(p)
     p.add_argument("--dataset-name", default=None, help="name in eval.json (default: folder)")

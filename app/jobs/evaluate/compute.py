@@ -18,8 +18,8 @@ from app.jobs.evaluate.tables import Row
 from app.model_config import ModelConfig, write_model_config
 from app.pipeline import ImagePipeline
 from app.repository import build_network
-from app.request import ClassifyRequest
-from app.tta.views import AUTO_SPEC
+from app.request import ClassifyRequest, Level
+from app.tta.stages import StagedPolicy
 
 TIMING_ROUNDS = 3
 
@@ -51,17 +51,25 @@ class FlopCounter:
 def time_configs(
     pipeline: ImagePipeline, configs: Sequence[EvalConfig], photos: list[bytes]
 ) -> dict[str, float]:
-    """Milliseconds per image of each config alone through the serving pipeline (decode to
-    answer, no batching across images), medians of interleaved rounds, so the machine's
-    drift falls on every config alike."""
-    rounds: dict[str, list[float]] = {c.name: [] for c in configs}
+    """Milliseconds per image of each config alone through the serving pipeline."""
+    jobs = [(c.name, pipeline, c.asked, c.level) for c in configs]
+    return time_policies(jobs, photos)
+
+
+def time_policies(
+    jobs: Sequence[tuple[str, ImagePipeline, StagedPolicy, Level]], photos: list[bytes]
+) -> dict[str, float]:
+    """Milliseconds per image of each (name, pipeline, policy, level) alone through the
+    serving pipeline (decode to answer, no batching across images), medians of
+    interleaved rounds, so the machine's drift falls on every policy alike."""
+    rounds: dict[str, list[float]] = {name: [] for name, *_ in jobs}
     for _ in range(TIMING_ROUNDS):
-        for c in configs:
-            request = ClassifyRequest(c.stages or c.spec or AUTO_SPEC, c.level, 1, 0)
+        for name, pipeline, policy, level in jobs:
+            request = ClassifyRequest(policy, level, 1, 0)
             t0 = time.perf_counter()
             for data in photos:
                 pipeline.classify(data, request)
-            rounds[c.name].append(1000.0 * (time.perf_counter() - t0) / len(photos))
+            rounds[name].append(1000.0 * (time.perf_counter() - t0) / len(photos))
     return {name: statistics.median(ms) for name, ms in rounds.items()}
 
 

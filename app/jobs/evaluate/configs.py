@@ -16,6 +16,7 @@ from app.tta.stages import STAGE_SEPARATOR, StagedPolicy, parse_policy
 from app.tta.views import AUTO_SPEC, CROP_KINDS, ViewSpec, parse_view_spec, split_kind
 
 BASELINE = "center:1@softmax"
+AUTO_STAGE_MODELS = "auto"  # --stage-models: every other model of the repository with our classes
 TOP_K = 5
 
 _FC_MFC = "fixed:5,mfixed:5"

@@ -14,14 +14,14 @@ from __future__ import annotations
 import base64
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from app.answers import gate_signal
+from app.answers import averaged_key, gate_signal
 from app.jobs.evaluate.tables import Paired, paired
 from app.tta.calibration import auroc, calibrate, ece, fit_temperature, nll
 from app.tta.stages import SIGNALS, Gate, Signal, Stage, StagedPolicy
@@ -43,12 +43,6 @@ def decode_probs(text: str) -> np.ndarray:
 def fit_half(name: str, seed: int) -> bool:
     """Which half an image is in: a hash of its name and the run seed, not its order."""
     return zlib.crc32(f"split:{seed}:{name}".encode()) % 2 == 0
-
-
-def joined_spec(first: ViewSpec, second: ViewSpec) -> ViewSpec:
-    """The views an image that went on has run: both stages', in order (the calibration
-    key of their average)."""
-    return ViewSpec(first.parts + second.parts)
 
 
 @dataclass
@@ -164,12 +158,15 @@ def _top5(probs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
 
 
 def _candidates(
-    by_name: dict[str, Scored], specs: dict[str, ViewSpec], targets: torch.Tensor,
+    by_name: dict[str, Scored], stages: dict[str, Stage], targets: torch.Tensor,
     fit: np.ndarray,
 ) -> list[_Candidate]:  # fmt: skip
     f = torch.from_numpy(fit)
     temps = {n: fit_temperature(s.probs[f], targets[f]) for n, s in by_name.items()}
-    firsts = [n for n, s in by_name.items() if float(s.cost.mean()) <= FIRST_STAGE_MAX_COST]
+    firsts = [
+        n for n, s in by_name.items()
+        if float(s.cost.mean()) <= FIRST_STAGE_MAX_COST and stages[n].model is None
+    ]  # fmt: skip
     out = []
     for a in firsts:
         sa = by_name[a]
@@ -177,11 +174,12 @@ def _candidates(
         right1, top5_1 = (p1.argmax(1) == targets).numpy(), _top5(p1, targets)
         nll1 = _nll_each(p1, targets)
         for b, sb in by_name.items():
-            if b == a or float(sb.cost.mean()) <= float(sa.cost.mean()):
+            same_model = stages[b].model is None
+            if b == a or (same_model and float(sb.cost.mean()) <= float(sa.cost.mean())):
                 continue
             n1, n2 = torch.from_numpy(sa.views).view(-1, 1), torch.from_numpy(sb.views).view(-1, 1)
             joint = (sa.probs * n1 + sb.probs * n2) / (n1 + n2)
-            key = f"{joined_spec(specs[a], specs[b])}@softmax"
+            key = averaged_key([stages[a], stages[b]], "softmax")
             joint_t = fit_temperature(joint[f], targets[f])
             answers = {
                 "all": (calibrate(joint, joint_t), {key: joint_t}),
@@ -236,13 +234,16 @@ def _best_threshold(c: _Candidate, fit: np.ndarray, budget: float) -> float | No
 
 def staged_rows(
     records: Sequence[dict[str, Any]],
-    specs: dict[str, ViewSpec],
+    specs: Mapping[str, ViewSpec | Stage],
     baseline: str,
     budgets: Sequence[float],
     seed: int,
 ) -> tuple[list[StagedRow], list[Calibration]]:
     """For each budget, the best gated policy (chosen on the fit half) and every config's
-    calibration; ``specs``: the softmax-level configs by name, the baseline among them."""
+    calibration; ``specs``: the softmax-level configs by name, the baseline among them,
+    each a view spec of the requested model or a stage on another model (a cascade's
+    later stage, whose records hold its cost in the requested model's view-equivalents)."""
+    stages = {n: s if isinstance(s, Stage) else Stage(s) for n, s in specs.items()}
     if len(records) < 4 or baseline not in specs:
         return [], []
     fit = np.array([fit_half(r["file"], seed) for r in records])
@@ -251,7 +252,7 @@ def staged_rows(
     targets = torch.tensor([r["target"] for r in records])
     by_name = {n: scored(records, n) for n in specs}
     calibrations = [calibration_of(n, s, targets, fit) for n, s in by_name.items()]
-    candidates = _candidates(by_name, specs, targets, fit)
+    candidates = _candidates(by_name, stages, targets, fit)
     base_right = (by_name[baseline].probs.argmax(1) == targets).numpy()
     test = ~fit
     rows = []
@@ -271,8 +272,9 @@ def staged_rows(
         on = o.went_on
         top5 = np.where(on, c.joint_top5[test], c.first_top5[test])
         gflops = np.where(on, c.joint_gflops[test], c.first_gflops[test])
+        second = stages[c.second]
         policy = StagedPolicy(
-            (Stage(specs[c.first]), Stage(specs[c.second], Gate(c.signal, t))),
+            (stages[c.first], Stage(second.spec, Gate(c.signal, t), second.model)),
             "last" if c.answer == "last" else "all",
         )
         rows.append(StagedRow(

@@ -18,7 +18,7 @@ from app.errors import BackendUnavailableError, DataError
 from app.jobs.datasets import LabelledImage, read_labelled_folder, scan_unlabelled
 from app.jobs.evaluate.staged import fit_half
 from app.jobs.evaluate.tables import paired
-from app.pipeline import ImagePipeline
+from app.local_pipeline import local_pipeline
 from app.preparer import ImagePreparer
 from app.repository import LoadedModel, ModelRepository
 from app.request import ClassifyRequest, check_level
@@ -182,7 +182,9 @@ def quantize(models_dir: Path, name: str, images: Path, max_images: int, seed: i
     split = split_views(model, items, seed)
     report = write_int8(model, split)
     if all(t >= 0 for t in split.targets):
-        report["served_policy"] = served_policy_row(model, split.held_out)
+        report["served_policy"] = served_policy_row(
+            model, split.held_out, ModelRepository(models_dir)
+        )
         write_meta(Path(report["folder"]), report)
     return {
         **report,
@@ -252,12 +254,15 @@ def write_meta(folder: Path, report: dict[str, Any]) -> None:
     tmp.replace(folder / META)
 
 
-def served_policy_row(model: LoadedModel, held_out: list[LabelledImage]) -> dict[str, Any]:
+def served_policy_row(
+    model: LoadedModel, held_out: list[LabelledImage], repository: ModelRepository
+) -> dict[str, Any]:
     """The served policy (``views=auto``, gate included) run whole on the held-out photos
     through the pipeline, int8 against the float path served without it (bf16 where the
     CPU has it natively, else float32): int8's rounding moves the gate's probabilities and
     the whole-image views, which per-view agreement does not show. The tuner refuses int8
-    when it loses more than MAX_PHOTOS_LOST photos here."""
+    when it loses more than MAX_PHOTOS_LOST photos here. A cascade's later-stage models
+    (``repository``'s) run as loaded, on the float path, in both."""
     cfg = model.cfg
     text = cfg.auto_views or cfg.default_views
     level = check_level(cfg.default_level)
@@ -268,7 +273,7 @@ def served_policy_row(model: LoadedModel, held_out: list[LabelledImage]) -> dict
     int8: DtypeName = "int8"
     for dtype in (float_dtype, int8):
         options = EngineOptions(backend="openvino", dtype=dtype, tune=False, forward_workers=1)
-        pipeline = ImagePipeline(Engine(model, options))
+        pipeline = local_pipeline(repository, Engine(model, options), EngineOptions(tune=False))
         answers = [pipeline.classify(item.path.read_bytes(), request) for item in held_out]
         right[dtype] = np.array(
             [a.top[0].index == i.target for a, i in zip(answers, held_out, strict=True)]
