@@ -6,7 +6,8 @@ one final JSON line. Not a test: nothing here asserts a speed.
 ``roofline`` (what the hardware allows), ``timing`` (in-process throughputs),
 ``server_load`` (a real server under HTTP load), ``cpu_budget`` (the server's CPU per
 request around the network, by thread: ``proc`` reads it, ``load_client`` loads the
-server), ``run`` (one bench run), ``cli``.
+server), ``policies`` (view policies side by side on one server), ``run`` (one bench
+run), ``cli``.
 """
 
 from pathlib import Path

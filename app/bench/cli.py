@@ -62,7 +62,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "CPU per request around the network, by thread, at c8 (app/bench/cpu_budget.py)",
     )
     p.add_argument("--cpu-client", default="auto", choices=["auto", "hey", "httpx"],
-                   help="load client of the CPU budget (auto: hey where installed)")  # fmt: skip
+                   help="load client of the CPU budget and of --policies "
+                   "(auto: hey where installed)")  # fmt: skip
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        metavar="SPEC",
+        default=None,
+        help="only these view policies, side by side on one server at c8 "
+        "(app/bench/policies.py): images/s, view-equivalents per image, the share a "
+        "cascade's later model answered; 'default': the model's own policy",
+    )
+    p.add_argument(
+        "--policy-duration",
+        type=float,
+        default=2.0,
+        help="seconds of each --policies window (3 rounds x policies x this)",
+    )
     p.add_argument(
         "--http-matrix",
         action="store_true",

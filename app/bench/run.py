@@ -301,6 +301,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         engine = tuned(model, args.tune_seconds, args.tune_cache_dir)
         cpu_phase(args, settings.models_dir, engine, photos, spec, budget)
         return budget
+    if args.policies:
+        from app.bench.policies import policies_phase, print_policies
+
+        compared: dict[str, Any] = {"model": args.model, "device": str(device)}
+        env = {"MIDSERVE_DEVICE": str(device), **tuning_env(args)}
+        policies_phase(settings.models_dir, args.model, photos, args.policies,
+                       args.policy_duration, env, args.cpu_client, compared)  # fmt: skip
+        print_policies(compared["policies"])
+        return compared
     out: dict[str, Any] = {"model": args.model, "device": str(device), "dtype": options.dtype,
                            "views": spec.total, "spec": str(spec), "level": args.level,
                            "threads": torch.get_num_threads()}  # fmt: skip
