@@ -4,10 +4,14 @@ What a policy costs is images/s at a concurrency the server is busy at; what it 
 is compute per image (a staged or cascade policy runs more views only for some images).
 One server (app/serve_process.py) serves the model and every model a cascade names as a
 later stage, so every policy runs on the same process; a cheap client (app/bench/
-load_client.py: hey where installed) posts real photos at c8, one representative photo a
-round (as the CPU budget does), and the policies take turns within each round, so the
-machine's drift falls on all of them alike. Images/s is the client's; view-equivalents and
-which model answered are the server's own counts (its /metrics, read around each window).
+load_client.py: hey where installed) posts real photos at c8, several representative photos
+a round (hey posts one file a window: a round's window is split over its photos, and
+images/s is that of a stream with as many requests of each photo, so a gated policy's
+escalation weighs as it does over a folder of uploads), and the policies take turns within
+each round, so the machine's drift falls on all of them alike; every photo is posted once
+per policy before the first round, so the shapes a policy first meets are not timed.
+Images/s is the client's; view-equivalents and which model answered are the server's own
+counts (its /metrics, read around each window).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ from app.serve_process import serve_process
 from app.tta.stages import parse_policy
 
 DEFAULT = "default"  # the model's own policy: no ``views`` sent
+PHOTOS_PER_ROUND = 10
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
 
@@ -76,38 +82,65 @@ def policy_counts(base: str, model: str) -> dict[str, float]:
     return out
 
 
-def summarize_policy(runs: list[ClientRun], served: dict[str, float]) -> dict[str, Any]:
-    """One policy over its rounds: images/s per round (median, min, max; one image a
-    request) and, from the server's counts over its windows, compute per image and the
-    share of images a later model answered."""
-    rates = [r.ok / r.elapsed_s if r.elapsed_s > 0 else 0.0 for r in runs]
-    images = max(served["images"], 1.0)
+@dataclass(frozen=True)
+class PhotoWindow:
+    """One photo's window of one policy: the client's run and the server's counts."""
+
+    run: ClientRun
+    served: dict[str, float]  # the deltas of ``policy_counts`` around it
+
+    @property
+    def rate(self) -> float:
+        return self.run.ok / self.run.elapsed_s if self.run.elapsed_s > 0 else 0.0
+
+    def per_image(self, key: str) -> float:
+        return self.served[key] / max(self.served["images"], 1.0)
+
+
+def mix_rate(windows: Sequence[PhotoWindow]) -> float:
+    """Images/s of a mix with as many requests of each photo (not as much time): the
+    harmonic mean of the photos' rates, so a slow, escalated photo weighs as much as an
+    easy one, as it does in a stream of uploads."""
+    if any(w.rate <= 0 for w in windows):
+        return 0.0
+    return len(windows) / sum(1.0 / w.rate for w in windows)
+
+
+def summarize_policy(rounds: list[list[PhotoWindow]]) -> dict[str, Any]:
+    """One policy over its rounds: images/s of the equal-photo mix per round (median,
+    min, max) and, from the server's counts, each photo's views, compute and whether a
+    later model answered, averaged over the photos."""
+    rates = [mix_rate(r) for r in rounds]
+    windows = [w for r in rounds for w in r]
+
+    def mean(key: str) -> float:
+        return round(statistics.fmean(w.per_image(key) for w in windows), 3)
+
+    answered = [w.served["answered_by_later"] / max(w.served["answered"], 1.0) for w in windows]
     return {
-        "requests": sum(r.ok for r in runs),
-        "errors": sum(r.errors for r in runs),
+        "requests": sum(w.run.ok for w in windows),
+        "errors": sum(w.run.errors for w in windows),
         "images_per_s": round(statistics.median(rates), 2),
         "images_per_s_min": round(min(rates), 2),
         "images_per_s_max": round(max(rates), 2),
-        "views_per_image": round(served["views"] / images, 3),
-        "view_equivalents_per_image": round(served["view_equivalents"] / images, 3),
-        "answered_by_later_share": round(
-            served["answered_by_later"] / max(served["answered"], 1.0), 3
-        ),
+        "views_per_image": mean("views"),
+        "view_equivalents_per_image": mean("view_equivalents"),
+        "answered_by_later_share": round(statistics.fmean(answered), 3),
     }
 
 
 def policies_phase(models_dir: Path, model: str, photos: list[tuple[str, bytes]],
                    specs: Sequence[str], duration_s: float, env: dict[str, str], client: str,
                    out: dict[str, Any]) -> None:  # fmt: skip
-    """ROUNDS rounds of one load window per policy (``duration_s`` each), one photo a
-    round, on one server of ``model`` and the later models; writes ``out["policies"]``."""
+    """ROUNDS rounds of one load window per policy (``duration_s`` each, split over the
+    round's photos), on one server of ``model`` and the later models; writes
+    ``out["policies"]``."""
     specs = list(dict.fromkeys(specs))
     models = [model, *(m for m in later_models(specs) if m != model)]
     chosen = client_name(client)
     label = "httpx (hey not installed)" if client == "auto" and chosen != HEY else chosen
-    picks = representative(photos, ROUNDS)
-    runs: dict[str, list[ClientRun]] = {spec: [] for spec in specs}
-    served: dict[str, dict[str, float]] = {spec: {} for spec in specs}
+    picks = representative(photos, ROUNDS * PHOTOS_PER_ROUND)
+    rounds: dict[str, list[list[PhotoWindow]]] = {spec: [] for spec in specs}
     with contextlib.ExitStack() as stack:
         # hey posts a file: the uploads go to a temporary folder, never beside the photos
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="midserve-")))
@@ -118,18 +151,22 @@ def policies_phase(models_dir: Path, model: str, photos: list[tuple[str, bytes]]
             serve_process(models_dir, models, env=env, ready_timeout_s=180)
         )
         loader = Loader(base, proc.pid, model, chosen)
+        for spec in specs:  # outside the counts: every photo once, each new shape met
+            for upload in uploads:
+                loader.load(upload, policy_params(spec), WARMUP_S)
+        window = duration_s / PHOTOS_PER_ROUND
         for r in range(ROUNDS):
+            mine = uploads[r * PHOTOS_PER_ROUND : (r + 1) * PHOTOS_PER_ROUND]
             for spec in specs:
-                params = policy_params(spec)
-                if r == 0:  # outside the counts: the first requests of each policy
-                    loader.load(uploads[r], params, WARMUP_S)
-                before = policy_counts(base, model)
-                runs[spec].append(loader.load(uploads[r], params, duration_s))
-                after = policy_counts(base, model)
-                for key, value in after.items():
-                    served[spec][key] = served[spec].get(key, 0.0) + value - before[key]
+                windows = []
+                for upload in mine:
+                    before = policy_counts(base, model)
+                    run = loader.load(upload, policy_params(spec), window)
+                    after = policy_counts(base, model)
+                    windows.append(PhotoWindow(run, {k: v - before[k] for k, v in after.items()}))
+                rounds[spec].append(windows)
     rows = {spec: {"views": "the model's default" if spec == DEFAULT else spec,
-                   **summarize_policy(runs[spec], served[spec])}
+                   **summarize_policy(rounds[spec])}
             for spec in specs}  # fmt: skip
     first = rows[specs[0]]["images_per_s"]
     for row in rows.values():
