@@ -102,7 +102,8 @@ def plot_cascades(
     plain: Sequence[PolicyScore], gated: Sequence[PolicyScore], path: Path, model: str
 ) -> None:
     """Test-half top-1 against view-equivalents of the requested model: each model's plain
-    configs in its colour, gated policies and cascades as diamonds."""
+    configs in its colour, gated policies and cascades as diamonds, the Pareto front of all
+    of them joined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,6 +129,14 @@ def plot_cascades(
         ax.annotate(f"{_name(g.policy)} ({100 * g.pooled.escalated:.0f} % on)",
                     (g.pooled.view_equivalents, 100 * g.pooled.top1), fontsize=6, color=colour,
                     textcoords="offset points", xytext=(4, -10 if n % 2 else 5))  # fmt: skip
+    points = sorted((s.pooled.view_equivalents, 100 * s.pooled.top1) for s in [*plain, *gated])
+    front, best = [], -1.0
+    for x, y in points:  # cheapest first: a point is on the front when nothing cheaper beats it
+        if y > best:
+            front.append((x, y))
+            best = y
+    ax.plot([x for x, _ in front], [y for _, y in front], "-", color="tab:gray", alpha=0.6,
+            label="Pareto front, every model and policy")  # fmt: skip
     ax.set_xlabel(f"view-equivalents of {model} per photo (test half)")
     ax.set_ylabel("top-1 % (test half, all folders)")
     ax.grid(alpha=0.3)
