@@ -128,7 +128,8 @@ class ImagePipeline:
             outputs, prepared.stages_run
         )
         values, indices = probs.topk(min(request.top_k, probs.shape[0]))
-        logits = torch.cat([o.logits.float() for o in outputs[: prepared.stages_run]])
+        ran = outputs[: prepared.stages_run]
+        logits = ran[0].logits.float() if len(ran) == 1 else torch.cat([o.logits for o in ran])
         view_p, view_i = torch.softmax(logits, dim=-1).max(dim=-1)
         labels = self.engine.model.labels
         image = prepared.image
