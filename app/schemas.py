@@ -107,7 +107,10 @@ class TuningOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
-    state: str
+    state: str = Field(
+        description="as readiness reports it: loading | ready | recovering | "
+        "failed, a later-stage model's included"
+    )
     error: str | None = None
     arch: str
     description: str
@@ -120,6 +123,13 @@ class ModelOut(BaseModel):
     std: list[float]
     default_views: str
     default_level: str
+    auto_views: str | None = Field(
+        default=None, description="the measured policy a request without views gets"
+    )
+    stage_models: list[str] = Field(
+        default_factory=list,
+        description="the other models its own policies run later stages on (a cascade)",
+    )
     parent: str | None = None
     weights: str
     device: str | None = None

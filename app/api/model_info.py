@@ -16,10 +16,11 @@ def model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
     engine = slot.engine
     cfg = service.repository.config(slot.name) if engine is None else engine.cfg
     s = service.settings
+    state, why = slot.health()
     return ModelOut(
         name=slot.name,
-        state=slot.state,
-        error=slot.error or None,
+        state=state,
+        error=why or None,
         arch=cfg.arch,
         description=cfg.description,
         num_classes=cfg.num_classes,
@@ -31,6 +32,8 @@ def model_out(service: ClassifyService, slot: ModelSlot) -> ModelOut:
         std=list(cfg.std),
         default_views=cfg.default_views,
         default_level=cfg.default_level,
+        auto_views=cfg.auto_views or None,
+        stage_models=[other.name for other in slot.stage_slots],
         parent=cfg.parent or None,
         weights=cfg.weights.describe(),
         device=str(engine.device) if engine else None,

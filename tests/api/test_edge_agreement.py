@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from app.model_config import load_model_config, write_model_config
 from app.serving.faults import FaultInjector
+from app.tta.stages import parse_policy
 from tests.helpers import image_bytes, make_tiny_model
 from tests.inprocess import app_with_grpc, wait_until_ready
 
@@ -188,6 +189,10 @@ def test_a_later_stage_model_that_failed_to_load(tmp_path: Path, tiny_repo: Path
         assert models["broken"]["state"] == "failed"
         assert models["tiny"]["state"] == "failed"  # it cannot answer its own policy
         assert "later-stage model 'broken' is failed" in models["tiny"]["error"]
+        listed = client.get("/v1/models/tiny").json()  # the listing says what readiness says
+        assert listed["state"] == "failed" and listed["stage_models"] == ["broken"]
+        assert "later-stage model 'broken'" in listed["error"]
+        assert parse_policy(listed["auto_views"]).models == ["broken"]
         agree(every_edge(client, grpc, "tiny"), live=True, ready=False, model_ready=False)
         why = client.get("/v2/models/tiny/ready").json()["error"]
         assert "later-stage model 'broken'" in why
