@@ -70,6 +70,8 @@ def test_later_stage_models_are_the_others_with_the_same_classes(repo: Path) -> 
     assert later_stage_models(r, "tiny", ["none"]) == []
     with pytest.raises(InvalidRequestError, match="not another model"):
         later_stage_models(r, "tiny", ["tiny"])
+    with pytest.raises(InvalidRequestError, match="other classes"):
+        later_stage_models(r, "tiny", ["other_classes"])
 
 
 def test_cascades_are_searched_pooled_and_per_folder_and_replay_as_served(

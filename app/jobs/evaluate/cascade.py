@@ -80,6 +80,12 @@ def later_stage_models(repo: ModelRepository, model: str, asked: list[str]) -> l
     model of the repository with the same classes."""
     if asked == ["none"]:
         return []
+    own = repo.config(model)
+
+    def same_classes(name: str) -> bool:
+        cfg = repo.config(name)
+        return (cfg.labels, cfg.num_classes) == (own.labels, own.num_classes)
+
     if asked != [AUTO_STAGE_MODELS]:
         unknown = [m for m in asked if m not in repo.names() or m == model]
         if unknown:
@@ -87,16 +93,14 @@ def later_stage_models(repo: ModelRepository, model: str, asked: list[str]) -> l
                 f"--stage-models: {', '.join(unknown)} is not another model of the repository "
                 f"({', '.join(repo.names())})"
             )
+        other = [m for m in asked if not same_classes(m)]
+        if other:
+            raise InvalidRequestError(
+                f"--stage-models: {', '.join(other)} has other classes than {model}"
+            )
         return list(dict.fromkeys(asked))
-    own = repo.config(model)
-    out = []
-    for name in repo.names():
-        if name == model or not repo.available(name)[0]:
-            continue
-        cfg = repo.config(name)
-        if (cfg.labels, cfg.num_classes) == (own.labels, own.num_classes):
-            out.append(name)
-    return out
+    names = [n for n in repo.names() if n != model and repo.available(n)[0]]
+    return [n for n in names if same_classes(n)]
 
 
 @dataclass
