@@ -34,7 +34,7 @@ def replay(policy_text: str, temperatures: dict[str, float], by_name: dict[str, 
            targets: torch.Tensor) -> Answered:  # fmt: skip
     """A two-stage policy answered from the records as the server answers it: the gate on
     the calibrated first answer; then the later stage alone, or both averaged by view
-    count and calibrated by the temperature of the views averaged."""
+    count (their temperature does not move the top-1, so only the gate's is applied)."""
     policy = parse_policy(policy_text)
     first, second = policy.stages[0], policy.stages[1]
     a, b = averaged_key([first], "softmax"), averaged_key([second], "softmax")
