@@ -151,10 +151,10 @@ def policies_phase(models_dir: Path, model: str, photos: list[tuple[str, bytes]]
             serve_process(models_dir, models, env=env, ready_timeout_s=180)
         )
         loader = Loader(base, proc.pid, model, chosen)
+        window = duration_s / PHOTOS_PER_ROUND
         for spec in specs:  # outside the counts: every photo once, each new shape met
             for upload in uploads:
-                loader.load(upload, policy_params(spec), WARMUP_S)
-        window = duration_s / PHOTOS_PER_ROUND
+                loader.load(upload, policy_params(spec), min(WARMUP_S, window))
         for r in range(ROUNDS):
             mine = uploads[r * PHOTOS_PER_ROUND : (r + 1) * PHOTOS_PER_ROUND]
             for spec in specs:
