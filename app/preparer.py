@@ -134,23 +134,36 @@ class ImagePreparer:
             )
         return self.stage_models(name)
 
-    def draft_side(self, policies: list[StagedPolicy]) -> int:
+    def with_auto(self, policies: list[StagedPolicy]) -> list[StagedPolicy]:
+        """The policies, and the model's measured policy when one of them is ``auto``."""
+        if any(p.adaptive for p in policies) and self.measured_auto is not None:
+            return [*policies, self.measured_auto]
+        return list(policies)
+
+    def others_for(self, policies: list[StagedPolicy]) -> dict[str, StageModel]:
+        """The other models these policies' later stages run on (``auto``: the measured
+        policy's), each found once."""
+        names = [m for p in self.with_auto(policies) for m in p.models]
+        return {m: self.stage_model(m) for m in dict.fromkeys(names)}
+
+    def draft_side(
+        self, policies: list[StagedPolicy], others: dict[str, StageModel] | None = None
+    ) -> int:
         """The shorter side a large JPEG may be decoded down to (1/2-1/8 scale in the DCT)
         for these policies' views: twice the largest resize they ask for, a cascade's other
-        models' included; 0: full size."""
+        models' (``others``, found when not given) included; 0: full size."""
         if not self.jpeg_draft:
             return 0
-        policies = list(policies)
-        if any(p.adaptive for p in policies) and self.measured_auto is not None:
-            policies.append(self.measured_auto)
+        if others is None:
+            others = self.others_for(policies)
         sides = [self.cfg.resize_size]
-        for p in policies:
+        for p in self.with_auto(policies):
             if p.adaptive:
                 continue
             sides.append(self.geometry.largest_resize(p.joined))
             for m in p.models:
-                other = self.stage_model(m).pipeline.preparer
-                sides.append(other.geometry.largest_resize(p.views_on(m)))
+                geometry = others[m].pipeline.preparer.geometry
+                sides.append(geometry.largest_resize(p.views_on(m)))
         return JPEG_DRAFT_MARGIN * max(sides)
 
     def image(
@@ -178,22 +191,28 @@ class ImagePreparer:
         return StagedPolicy.single(resolve_spec(policy.first, w, h, self.cfg.input_size))
 
     def plan(
-        self, image: PreparedImage, policy: ViewSpec | StagedPolicy, seed: int | None
+        self,
+        image: PreparedImage,
+        policy: ViewSpec | StagedPolicy,
+        seed: int | None,
+        others: dict[str, StageModel] | None = None,
     ) -> tuple[list[View], int, StagedPolicy]:
         """View boxes of every stage, in stage order, the seed used (drawn when missing, so
         the answer can be reproduced) and the policy used (``auto`` resolved for this
-        image's size). A cascade's other models plan their stages' views with their own
-        geometry, on the same decoded image and seed."""
+        image's size). A cascade's other models (``others``, found when not given) plan
+        their stages' views with their own geometry, on the same decoded image and seed."""
         if isinstance(policy, ViewSpec):
             policy = StagedPolicy.single(policy)
         seed = secrets.randbits(31) if seed is None else seed
         used = self.resolve(policy, image)
+        if others is None:
+            others = self.others_for([used])
         size = image.decoded_size
         planned: dict[str | None, Iterator[View]] = {
             None: iter(plan_image_views(used.joined, *size, self.geometry, seed))
         }
         for m in used.models:
-            geometry = self.stage_model(m).pipeline.preparer.geometry
+            geometry = others[m].pipeline.preparer.geometry
             planned[m] = iter(plan_image_views(used.views_on(m), *size, geometry, seed))
         views = [
             next(planned[stage.model]) for stage in used.stages for _ in range(stage.spec.total)
@@ -209,11 +228,12 @@ class ImagePreparer:
         once the image's size is."""
         if isinstance(policy, ViewSpec):
             policy = StagedPolicy.single(policy)
-        image, decode_s = self.image(data, self.draft_side([policy]))
+        others = self.others_for([policy])  # found once for the draft, plan and costs
+        image, decode_s = self.image(data, self.draft_side([policy], others))
         t0 = time.perf_counter()
-        views, used_seed, used = self.plan(image, policy, seed)
+        views, used_seed, used = self.plan(image, policy, seed, others)
         ends = used.stage_ends
-        others = {m: self.stage_model(m) for m in used.models}
+        others = {m: others[m] for m in used.models}
         costs = self.stage_costs(used, views, others)
         if max_views:
             self.check_budget(views, sum(costs), max_views)
