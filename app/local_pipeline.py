@@ -7,10 +7,9 @@ from __future__ import annotations
 import threading
 
 from app.errors import InvalidRequestError
-from app.pipeline import ImagePipeline
+from app.pipeline import ImagePipeline, later_stage
 from app.preparer import StageModel
 from app.repository import ModelRepository
-from app.runtime.cost import view_cost
 from app.runtime.engine import Engine
 from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions
@@ -29,11 +28,8 @@ class LocalStageModels:
     def __call__(self, name: str) -> StageModel:
         own = self.requested
         assert own is not None
-        if name == own.name:
-            raise InvalidRequestError(
-                f"a later stage names {name!r}, the requested model itself: leave the "
-                "model out for its own views"
-            )
+        if name == own.name:  # refused by later_stage, without loading the model again
+            return later_stage(own, own)
         with self._lock:
             if name not in self._loaded:
                 if name not in self.repository.names():
@@ -42,14 +38,7 @@ class LocalStageModels:
                         f"(models: {', '.join(self.repository.names())})"
                     )
                 engine = load_engine(self.repository, name, self.options)
-                if engine.model.labels.ids != own.engine.model.labels.ids:
-                    raise InvalidRequestError(
-                        f"model {name!r} has other classes than {own.name!r}: its answers "
-                        "cannot be combined"
-                    )
-                cost = view_cost(engine, own.engine)
-                self._loaded[name] = StageModel(name, ImagePipeline(engine), cost.ratio,
-                                                cost.source)  # fmt: skip
+                self._loaded[name] = later_stage(own, ImagePipeline(engine))
             return self._loaded[name]
 
 

@@ -12,6 +12,7 @@ plain typed results, no wire schema.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +20,14 @@ from dataclasses import dataclass, field
 import torch
 
 from app.answers import Head, StagedAnswers, TopClass, top_classes
-from app.preparer import ImagePreparer, PreparedViews, StageModels
+from app.errors import InvalidRequestError
+from app.preparer import ImagePreparer, PreparedViews, StageModel, StageModels
 from app.request import ClassifyRequest, Level
+from app.runtime.cost import view_cost
 from app.runtime.engine import Engine, ViewOutputs
 from app.tta.views import View, boxes_in_original
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +173,26 @@ class ImagePipeline:
             self.next_stage(prepared)
             outputs.append(self.stage_engine(prepared).run_groups(prepared.groups))
         return self.predict(prepared, outputs, request, 0.0, time.perf_counter() - t0)
+
+
+def later_stage(requested: ImagePipeline, other: ImagePipeline) -> StageModel:
+    """``other`` as a later stage of ``requested``'s policies: another model, of the same
+    classes, with what one of its views costs in ``requested``'s (worked out here, so
+    callers find it once per pair)."""
+    if other.name == requested.name:
+        raise InvalidRequestError(
+            f"a later stage names {other.name!r}, the requested model itself: leave the "
+            "model out for its own views"
+        )
+    if other.engine.model.labels.ids != requested.engine.model.labels.ids:
+        raise InvalidRequestError(
+            f"model {other.name!r} has other classes than {requested.name!r}: its answers "
+            "cannot be combined"
+        )
+    cost = view_cost(other.engine, requested.engine)
+    log.info("a view of %s costs %.3f views of %s (%s)", other.name, cost.ratio,
+             requested.name, cost.source)  # fmt: skip
+    return StageModel(other.name, other, cost.ratio, cost.source)
 
 
 def answered_by(prepared: PreparedViews, requested: str) -> list[str]:

@@ -25,10 +25,9 @@ from app.errors import (
 )
 from app.eval_results import EVAL_FILE, read_eval_results
 from app.metrics import Metrics
-from app.pipeline import ImagePipeline
+from app.pipeline import ImagePipeline, later_stage
 from app.preparer import StageModel
 from app.repository import ModelRepository
-from app.runtime.cost import ViewCost, view_cost
 from app.runtime.engine import Engine, pick_device
 from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions
@@ -101,7 +100,7 @@ class ServedModels:
         self.forward_plan = self.options.forward_plan(self.device.type)
         self._load_task: asyncio.Task[None] | None = None
         self._eval_mtimes: dict[str, float] = {}
-        self._costs: dict[tuple[str, str], ViewCost] = {}  # (requested, later) -> view cost
+        self._stages: dict[tuple[str, str], StageModel] = {}  # (requested, later) -> it
 
     def served_names(self) -> list[str]:
         wanted = self.settings.models
@@ -148,38 +147,19 @@ class ServedModels:
         return ordered
 
     def stage_model(self, requested: ModelSlot, name: str) -> StageModel:
-        """``name`` as a later stage of ``requested``'s request: served, ready, of the same
-        classes; what one of its views costs in ``requested``'s views."""
-        if name == requested.name:
-            raise InvalidRequestError(
-                f"a later stage names {name!r}, the requested model itself: leave the "
-                "model out for its own views"
-            )
+        """``name`` as a later stage of ``requested``'s request: served and ready now, and
+        (checked once per pair) another model of the same classes, with its view cost."""
         if name not in self.slots:
             raise InvalidRequestError(
                 f"a later stage names model {name!r}, which this server does not serve "
                 f"(served: {', '.join(self.slots)})"
             )
-        own, _ = requested.ready()
         other, _ = self.slots[name].ready()
-        if other.engine.model.labels.ids != own.engine.model.labels.ids:
-            raise InvalidRequestError(
-                f"model {name!r} has other classes than {requested.name!r}: its answers "
-                "cannot be combined"
-            )
-        cost = self._view_cost(requested.name, own, name, other)
-        return StageModel(name, other, cost.ratio, cost.source)
-
-    def _view_cost(
-        self, requested: str, own: ImagePipeline, name: str, other: ImagePipeline
-    ) -> ViewCost:
-        """One view of ``name`` in views of ``requested``, worked out once per pair."""
-        key = (requested, name)
-        if key not in self._costs:
-            cost = self._costs[key] = view_cost(other.engine, own.engine)
-            log.info("a view of %s costs %.3f views of %s (%s)", name, cost.ratio, requested,
-                     cost.source)  # fmt: skip
-        return self._costs[key]
+        key = (requested.name, name)
+        if key not in self._stages:
+            own, _ = requested.ready()
+            self._stages[key] = later_stage(own, other)
+        return self._stages[key]
 
     async def _load_all(self) -> None:
         for slot in self.slots.values():
@@ -230,9 +210,9 @@ class ServedModels:
             self.settings.max_views_per_request,
             stage_models=lambda name: self.stage_model(slot, name),
         )
-        for other in slot.stage_slots:  # its policies' unit of cost, known before requests
+        for other in slot.stage_slots:  # its policies' later stages, known before requests
             if other.state == "ready" and other.pipeline is not None:
-                self._view_cost(slot.name, pipeline, other.name, other.pipeline)
+                self._stages[(slot.name, other.name)] = later_stage(pipeline, other.pipeline)
         return pipeline
 
     def refresh_eval_metrics(self) -> None:
