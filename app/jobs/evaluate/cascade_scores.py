@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from app.answers import averaged_key
-from app.jobs.evaluate.staged import Scored, signals
+from app.jobs.evaluate.staged import Scored, joint_probs, signals
 from app.jobs.evaluate.tables import Paired, paired
 from app.tta.calibration import calibrate
 from app.tta.stages import parse_policy
@@ -42,12 +42,7 @@ def replay(policy_text: str, temperatures: dict[str, float], by_name: dict[str, 
     p1 = calibrate(sa.probs, temperatures.get(a, 1.0))
     assert second.gate is not None
     on = signals(second.gate.signal, p1, sa.view_top1) < second.gate.threshold
-    if policy.answer == "last":
-        p2 = sb.probs
-    else:
-        n1 = torch.from_numpy(sa.views).view(-1, 1)
-        n2 = torch.from_numpy(sb.views).view(-1, 1)
-        p2 = (sa.probs * n1 + sb.probs * n2) / (n1 + n2)
+    p2 = sb.probs if policy.answer == "last" else joint_probs(sa, sb)
     right = np.where(on, (p2.argmax(1) == targets).numpy(), (p1.argmax(1) == targets).numpy())
     return Answered(right, np.where(on, sa.cost + sb.cost, sa.cost), on)
 

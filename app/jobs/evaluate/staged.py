@@ -66,6 +66,14 @@ def scored(records: Sequence[dict[str, Any]], name: str) -> Scored:
     )
 
 
+def joint_probs(first: Scored, second: Scored) -> torch.Tensor:
+    """Both stages' views averaged at the softmax level, as the server's ``all`` answer
+    does: each stage's mean weighted by its view count, per image."""
+    n1 = torch.from_numpy(first.views).view(-1, 1)
+    n2 = torch.from_numpy(second.views).view(-1, 1)
+    return (first.probs * n1 + second.probs * n2) / (n1 + n2)
+
+
 def signals(kind: Signal, probs: torch.Tensor, view_top1: list[list[int]]) -> np.ndarray:
     return np.array(
         [gate_signal(kind, p, torch.tensor(v)) for p, v in zip(probs, view_top1, strict=True)]
@@ -177,8 +185,7 @@ def _candidates(
             same_model = stages[b].model is None
             if b == a or (same_model and float(sb.cost.mean()) <= float(sa.cost.mean())):
                 continue
-            n1, n2 = torch.from_numpy(sa.views).view(-1, 1), torch.from_numpy(sb.views).view(-1, 1)
-            joint = (sa.probs * n1 + sb.probs * n2) / (n1 + n2)
+            joint = joint_probs(sa, sb)
             key = averaged_key([stages[a], stages[b]], "softmax")
             joint_t = fit_temperature(joint[f], targets[f])
             answers = {
