@@ -47,7 +47,7 @@ from PIL import Image
 from app.config import default_models_dir
 from app.jobs.datasets import read_labelled_folder
 from app.pipeline import ImagePipeline
-from app.preparer import JPEG_DRAFT_MARGIN, ImagePreparer
+from app.preparer import JPEG_DRAFT_MARGIN, ImagePreparer, StageModel
 from app.repository import ModelRepository
 from app.request import ClassifyRequest
 from app.runtime.engine import Engine
@@ -78,8 +78,10 @@ class WayPreparer(ImagePreparer):
         self.geometry = base.geometry
         self.jpeg, self.margin = jpeg, margin
 
-    def draft_side(self, policies: list[StagedPolicy]) -> int:
-        return super().draft_side(policies) // JPEG_DRAFT_MARGIN * self.margin
+    def draft_side(
+        self, policies: list[StagedPolicy], others: dict[str, StageModel] | None = None
+    ) -> int:
+        return super().draft_side(policies, others) // JPEG_DRAFT_MARGIN * self.margin
 
     def image(
         self, data: bytes, draft_side: int = 0, jpeg: JpegDecoding = SERVED_JPEG
