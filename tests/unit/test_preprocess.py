@@ -270,3 +270,22 @@ def test_served_resize_gives_pils_pixels_within_rounding(interpolation: str, siz
     assert diff.max() <= 2 and (diff > 1).mean() < 1e-4
     assert (diff > 0).mean() < 0.02
     assert resizer.on_pixels == (interpolation != "nearest")
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_served_resize_keeps_pixels_interleaved(interpolation: str) -> None:
+    """Decoded HWC pixels come back from the resize still interleaved (channels_last), so a
+    view is cut by one plain copy; a batch-of-one tensor whose strides read as planes sends
+    torch to its planar kernel, slower, and returns planes. Both give the same values."""
+    from app.tta.preprocess import Resizer
+
+    pixels = torch.from_numpy(_noise(500, 376))
+    resizer = Resizer(interpolation, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    target = resized_shape(500, 376, 256)
+    ours = resizer(pixels, target, (0, 0, *target))
+    assert ours.stride() == (3 * target[0], 3, 1)  # [h, w, 3] rows of interleaved pixels
+    planar = torch.nn.functional.interpolate(
+        pixels.permute(2, 0, 1).contiguous().unsqueeze(0),
+        size=(target[1], target[0]), mode=interpolation, antialias=True,
+    )  # fmt: skip
+    assert torch.equal(ours, planar[0].permute(1, 2, 0))
