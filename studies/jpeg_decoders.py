@@ -46,6 +46,7 @@ from PIL import Image
 
 from app.config import default_models_dir
 from app.jobs.datasets import read_labelled_folder
+from app.local_pipeline import local_pipeline
 from app.pipeline import ImagePipeline
 from app.preparer import JPEG_DRAFT_MARGIN, ImagePreparer, StageModel
 from app.repository import ModelRepository
@@ -74,7 +75,8 @@ class WayPreparer(ImagePreparer):
     """The served preparer with one way of decoding JPEGs and one DCT-scaling margin."""
 
     def __init__(self, base: ImagePreparer, jpeg: JpegDecoding, margin: int) -> None:
-        super().__init__(base.cfg, base.device, base.limits, base.jpeg_draft, uint8=base.uint8)
+        super().__init__(base.cfg, base.device, base.limits, base.jpeg_draft, uint8=base.uint8,
+                         stage_models=base.stage_models)  # fmt: skip
         self.geometry = base.geometry
         self.jpeg, self.margin = jpeg, margin
 
@@ -177,11 +179,14 @@ def main() -> None:
     parser.add_argument("--folders", nargs="*", default=list(FOLDERS), help="of shared/data")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = ModelRepository(default_models_dir()).load(args.model, torch.device("cpu"))
-    engine = Engine(model, EngineOptions())  # dtype unset: bf16 where native, else float32
+    repository = ModelRepository(default_models_dir())
+    model = repository.load(args.model, torch.device("cpu"))
+    options = EngineOptions()  # dtype unset: bf16 where native, else float32
+    engine = Engine(model, options)
     ways = {}
     for name, (jpeg, margin) in WAYS.items():
-        pipeline = ImagePipeline(engine)
+        # a cascade's later model cuts its views from the image this preparer decoded
+        pipeline = local_pipeline(repository, engine, options)
         pipeline.preparer = WayPreparer(pipeline.preparer, jpeg, margin)
         ways[name] = pipeline
 
