@@ -10,7 +10,8 @@ as the served edge and preparation, on this machine.
    side and a 224 center crop, one thread, every photo of the folder; CPU per photo.
 
 Compare with ``midserve bench --cpu-budget``: its ``edge_only_ms`` against (1), its center
-crop's ``prep`` against (2). docs/benchmarks.md has one run.
+crop's ``prep`` against (2). ``studies/request_floor.py`` prototypes the whole request.
+docs/benchmarks.md has one run.
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ def prepare(data: bytes) -> torch.Tensor:
     pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
     h, w = pixels.shape[:2]
     k = 256 / min(h, w)
-    chw = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    chw = torch.from_numpy(pixels).unsqueeze(0).permute(0, 3, 1, 2)  # channels_last
     resized = torch.nn.functional.interpolate(
         chw, size=(round(h * k), round(w * k)), mode="bicubic", antialias=True
     )
     y, x = (resized.shape[2] - 224) // 2, (resized.shape[3] - 224) // 2
-    return resized[0, :, y : y + 224, x : x + 224].contiguous()
+    return resized[0, :, y : y + 224, x : x + 224].permute(1, 2, 0).contiguous()
 
 
 def preparation_floor(photos: list[bytes], rounds: int = 3) -> tuple[float, float]:
