@@ -1,0 +1,259 @@
+"""The floor of a whole center-crop request around the network: the smallest server that
+does the served work, beside the served one, measured the way ``midserve bench
+--cpu-budget`` measures ours.
+
+    PYTHONPATH=. .venv/bin/python -m studies.request_floor [--seconds 8] [--rounds 2]
+        [--photos ../shared/data/imagenet-samples] [--model tf_efficientnet_lite0]
+
+The prototype, on the served HTTP stack (uvicorn + httptools + uvloop, a bare Starlette
+route): the body read whole; one hand-off to a preparation thread that decodes
+(simplejpeg), resizes (torch's antialiased resize, the model's interpolation) and cuts the
+center crop, then puts the view straight on a forward queue (no hand-off back to the loop
+between preparation and forward); forward threads, as many as the served plan's workers,
+each take what is queued (up to the plan's views per forward), run the same tuned network
+(``Engine.run_views``), rank the top 5 with numpy and hand each answer back to the loop
+once; orjson writes a 5-class answer. No batcher deadlines, faults, metrics, view plan,
+staged policies or limits: what is left is work no design can drop.
+
+Both servers run at once, idle in turn: each window loads one of them at c8 with ``hey``
+posting one of the bench's three representative photos, the windows interleaved with the
+raw forward's own timing (as the bench does), so drift on a shared machine reaches both.
+Reported per server as the bench reports it: CPU per request from /proc less its forward
+threads (``outside_network_ms``) and less the network's own CPU per view
+(``outside_network_ms_by_forward_cost``), by thread group, and images/s over the
+forward-only limit. docs/benchmarks.md has one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import simplejpeg
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.bench.cpu_budget import forward_cpu, representative
+from app.bench.load_client import run_hey
+from app.bench.proc import FORWARD, cpu_between, snapshot
+from app.config import default_models_dir
+from app.repository import ModelRepository
+from app.runtime.engine import Engine
+from app.runtime.load import load_engine
+from app.runtime.plan import EngineOptions
+from app.serve_process import HOST, free_port, running_process, serve_process
+from app.threads import name_os_thread
+
+MODEL_ENV = "FLOOR_MODEL"
+Job = tuple[np.ndarray, asyncio.AbstractEventLoop, asyncio.Future[bytes]]
+
+
+def tuned(model: str) -> Engine:
+    """The model as the server runs it: the plan tuned for this machine (its cache)."""
+    return load_engine(ModelRepository(default_models_dir()), model, EngineOptions(tune=True))
+
+
+class FloorServer:
+    """Preparation threads feed forward threads directly; one hand-off back per answer."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        cfg = engine.cfg
+        self.crop, self.resize, self.mode = cfg.input_size, cfg.resize_size, cfg.interpolation
+        self.labels = engine.model.labels.ids
+        self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.prep = ThreadPoolExecutor(2, "preprocess", initializer=self._prep_thread)
+        for i in range(engine.plan.workers):
+            threading.Thread(target=self._forward_loop, args=(i,), daemon=True).start()
+
+    @staticmethod
+    def _prep_thread() -> None:
+        name_os_thread("preprocess")
+        torch.set_num_threads(1)
+
+    def center_view(self, data: bytes) -> np.ndarray:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        h, w = pixels.shape[:2]
+        k = self.resize / min(h, w)
+        nchw = torch.from_numpy(pixels).unsqueeze(0).permute(0, 3, 1, 2)  # channels_last
+        resized = torch.nn.functional.interpolate(
+            nchw, size=(round(h * k), round(w * k)), mode=self.mode, antialias=True
+        )[0].permute(1, 2, 0)
+        y, x = (resized.shape[0] - self.crop) // 2, (resized.shape[1] - self.crop) // 2
+        return np.ascontiguousarray(resized.numpy()[y : y + self.crop, x : x + self.crop])
+
+    def prepare_and_queue(self, data: bytes, loop: asyncio.AbstractEventLoop,
+                          answer: asyncio.Future[bytes]) -> None:  # fmt: skip
+        self.jobs.put((self.center_view(data), loop, answer))
+
+    def _forward_loop(self, i: int) -> None:
+        name_os_thread(f"forward-floor-{i}")
+        if self.engine.plan.threads:
+            torch.set_num_threads(self.engine.plan.threads)
+        most = self.engine.chunk_views
+        while True:
+            batch = [self.jobs.get()]
+            while len(batch) < most:
+                try:
+                    batch.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            views = torch.from_numpy(np.stack([v for v, _, _ in batch])).permute(0, 3, 1, 2)
+            logits = self.engine.run_views(views).logits.numpy()
+            for row, (_, loop, answer) in zip(logits, batch, strict=True):
+                loop.call_soon_threadsafe(answer.set_result, self.answer(row))
+
+    def answer(self, logits: np.ndarray) -> bytes:
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        top = np.argpartition(-p, 5)[:5]
+        top = top[np.argsort(-p[top])]
+        return orjson.dumps({"top": [{"index": int(i), "synset": self.labels[i],
+                                      "prob": float(p[i])} for i in top]})  # fmt: skip
+
+    async def classify(self, request: Request) -> Response:
+        data = await request.body()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+        self.prep.submit(self.prepare_and_queue, data, loop, answer)
+        return Response(await answer, media_type="application/json")
+
+
+async def _live(_: Request) -> Response:
+    return Response(b"ok")
+
+
+def create_app() -> Starlette:
+    """uvicorn's factory: the model loads in the server process only, on a thread named as
+    the server names its loading thread, so OpenVINO's inference threads born there count
+    as forward threads."""
+    engines: list[Engine] = []
+
+    def load_named() -> None:
+        name_os_thread("net-floor")
+        engines.append(tuned(os.environ.get(MODEL_ENV, "tf_efficientnet_lite0")))
+
+    loader = threading.Thread(target=load_named)
+    loader.start()
+    loader.join()
+    server = FloorServer(engines[0])
+    return Starlette(routes=[Route("/classify", server.classify, methods=["POST"]),
+                             Route("/healthz", _live)])  # fmt: skip
+
+
+@dataclass
+class Target:
+    """One server under load: where to post, its process, what its windows added up to."""
+
+    url: str
+    pid: int
+    requests: int = 0
+    elapsed_s: float = 0.0
+    client_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def window(self, photo: Path, seconds: float) -> None:
+        before = snapshot(self.pid)
+        run = run_hey(self.url, photo, 8, seconds)
+        if run.errors:
+            raise SystemExit(f"{run.errors} requests to {self.url} failed on {photo.name}")
+        for group, s in cpu_between(before, snapshot(self.pid)).items():
+            self.cpu_s[group] = self.cpu_s.get(group, 0.0) + s
+        self.requests += run.ok
+        self.elapsed_s += run.elapsed_s
+        self.client_s += run.cpu_s
+
+    def report(self, views_per_s: float, cpu_per_view: float) -> dict[str, Any]:
+        n = max(1, self.requests)
+        total = self.cpu_s["total"]
+        return {
+            "images_per_s": round(n / self.elapsed_s, 2),
+            "of_forward_limit": round(n / self.elapsed_s / views_per_s, 3),
+            "server_ms": round(1000 * total / n, 3),
+            "threads_ms": {
+                g: round(1000 * s / n, 3) for g, s in self.cpu_s.items() if g != "total"
+            },  # fmt: skip
+            "outside_network_ms": round(1000 * (total - self.cpu_s.get(FORWARD, 0.0)) / n, 3),
+            "outside_network_ms_by_forward_cost": round(1000 * (total / n - cpu_per_view), 3),
+            "client_ms": round(1000 * self.client_s / n, 3),
+        }
+
+
+def floor_server(model: str) -> contextlib.AbstractContextManager[Any]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "studies.request_floor:create_app",
+           "--host", HOST, "--port", str(port), "--http", "httptools", "--loop", "uvloop",
+           "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    return running_process(cmd, f"http://{HOST}:{port}/healthz", env={**os.environ,
+                           MODEL_ENV: model}, name="floor server", ready_timeout_s=120)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=Path, default=Path("../shared/data/imagenet-samples"))
+    parser.add_argument("--seconds", type=float, default=8.0, help="of load per window")
+    parser.add_argument("--rounds", type=int, default=2, help="of every photo on each server")
+    parser.add_argument("--model", default="tf_efficientnet_lite0")
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        raise SystemExit("hey is not installed (apt-get install hey): no load client")
+    files = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    if not files:
+        raise SystemExit(f"no JPEG photos in {args.photos}")
+    picked = representative([(f.name, f.read_bytes()) for f in files], 3)
+    engine = tuned(args.model)
+    raw: list[tuple[float, float]] = []
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        photos = []
+        for name, data in picked:
+            (tmp / name).write_bytes(data)
+            photos.append(tmp / name)
+        floor = stack.enter_context(floor_server(args.model))
+        base, served = stack.enter_context(
+            serve_process(default_models_dir(), args.model, ready_timeout_s=180)
+        )
+        targets = {
+            "floor": Target(
+                f"http://{HOST}:{floor.args[floor.args.index('--port') + 1]}/classify", floor.pid
+            ),  # fmt: skip
+            "served": Target(
+                f"{base}/v1/models/{args.model}/classify?views=center&seed=0", served.pid
+            ),  # fmt: skip
+        }
+        for target in targets.values():
+            run_hey(target.url, photos[0], 8, 1.0)  # warm-up, not counted
+        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
+            raw.append(forward_cpu(engine, args.seconds / 2))
+            for photo in photos:
+                for target in targets.values():
+                    target.window(photo, args.seconds)
+    views_per_s = sorted(v for v, _ in raw)[len(raw) // 2]
+    cpu_per_view = sorted(c for _, c in raw)[len(raw) // 2]
+    report = {
+        "photos": [p for p, _ in picked],
+        "raw_forward_views_per_s": round(views_per_s, 2),
+        "forward_cpu_ms_per_view": round(1000 * cpu_per_view, 3),
+        **{name: t.report(views_per_s, cpu_per_view) for name, t in targets.items()},
+    }
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+
+
+if __name__ == "__main__":
+    main()
