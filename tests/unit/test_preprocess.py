@@ -276,7 +276,9 @@ def test_served_resize_gives_pils_pixels_within_rounding(interpolation: str, siz
 def test_served_resize_keeps_pixels_interleaved(interpolation: str) -> None:
     """Decoded HWC pixels come back from the resize still interleaved (channels_last), so a
     view is cut by one plain copy; a batch-of-one tensor whose strides read as planes sends
-    torch to its planar kernel, slower, and returns planes. Both give the same values."""
+    torch to its planar kernel, slower, and returns planes. Both give PIL's filter in the
+    same integer arithmetic (identical here; within one level allowed for other CPUs'
+    kernels)."""
     from app.tta.preprocess import Resizer
 
     pixels = torch.from_numpy(_noise(500, 376))
@@ -288,4 +290,4 @@ def test_served_resize_keeps_pixels_interleaved(interpolation: str) -> None:
         pixels.permute(2, 0, 1).contiguous().unsqueeze(0),
         size=(target[1], target[0]), mode=interpolation, antialias=True,
     )  # fmt: skip
-    assert torch.equal(ours, planar[0].permute(1, 2, 0))
+    assert int((ours.int() - planar[0].permute(1, 2, 0).int()).abs().max()) <= 1
