@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -151,6 +152,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=300,
         check=False,
     )
+
+
+def run_bench(*args: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    """``midserve bench ARGS``, which must exit 0: its JSON report (the last line it
+    prints) and its stderr (the tables)."""
+    res = run_cli("bench", *args, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
 
 
 def sample_files() -> list[Path]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import image_bytes, run_cli
+from tests.helpers import image_bytes, run_bench, run_cli
 
 FIELDS = {
     "gemm_gflops",
@@ -40,8 +40,7 @@ FIELDS = {
 def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(image_bytes(100 + 10 * i, 90, seed=i))
-    res = run_cli(
-        "bench",
+    result, _ = run_bench(
         "--models-dir",
         str(tiny_repo),
         "--model",
@@ -63,8 +62,6 @@ def test_bench_reports_all_fields(tiny_repo: Path, tmp_path: Path) -> None:
         # its server runs the production default, tuned (from the bench's own cache)
         env={"MIDSERVE_TUNE": "true"},
     )
-    assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(result) >= FIELDS
     assert result["tuning_source"] == "tuned" and result["raw_forward_by_backend"]["torch_float32"]
     assert result["model_gflops_per_view"] > 0 and result["bound_views_per_s"] > 0
@@ -138,17 +135,15 @@ def test_bench_cpu_budget_with_the_httpx_client(tiny_repo: Path, tmp_path: Path)
     is not installed): the same section, the client's CPU this process's own."""
     for i in range(3):
         (tmp_path / f"{i}.jpg").write_bytes(image_bytes(120 + 10 * i, 90, fmt="JPEG", seed=i))
-    res = run_cli(
-        "bench", "--cpu-budget", "--cpu-client", "httpx", "--models-dir", str(tiny_repo),
+    result, tables = run_bench(
+        "--cpu-budget", "--cpu-client", "httpx", "--models-dir", str(tiny_repo),
         "--model", "tiny", "--data", str(tmp_path), "--duration", "0.6", "--views", "3",
         "--tune-seconds", "0.3", "--tune-cache-dir", str(tmp_path / "tuning"),
     )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads(res.stdout.strip().splitlines()[-1])
     budget = result["cpu_outside_network"]
     assert budget["client"] == "httpx" and budget["concurrency"] == 8
     assert_cpu_budget_holds_together(budget, views=3)
-    assert "outside*" in res.stderr  # the table
+    assert "outside*" in tables  # the table
 
 
 @pytest.mark.slow

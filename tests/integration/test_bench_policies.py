@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from app.bench.cpu_budget import ROUNDS
 from app.bench.policies import PHOTOS_PER_ROUND
 from app.model_config import write_model_config
-from tests.helpers import image_bytes, make_tiny_model, run_cli
+from tests.helpers import image_bytes, make_tiny_model, run_bench
 
 CASCADE = "center|margin<1|tiny2:center"
 
@@ -32,13 +31,11 @@ def test_bench_policies_compares_the_default_and_a_cascade(tmp_path: Path) -> No
     photos.mkdir()
     for i in range(3):
         (photos / f"{i}.jpg").write_bytes(image_bytes(120 + 10 * i, 90, fmt="JPEG", seed=i))
-    res = run_cli(
-        "bench", "--policies", "default", CASCADE, "--models-dir", str(models),
+    result, tables = run_bench(
+        "--policies", "default", CASCADE, "--models-dir", str(models),
         "--model", "tiny", "--data", str(photos), "--policy-duration", "0.3",
         "--tune-seconds", "0.3", "--tune-cache-dir", str(tmp_path / "tuning"),
     )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads(res.stdout.strip().splitlines()[-1])
     section = result["policies"]
     assert section["client"] == "hey" and section["concurrency"] == 8
     assert section["models_served"] == ["tiny", "tiny2"]
@@ -59,7 +56,7 @@ def test_bench_policies_compares_the_default_and_a_cascade(tmp_path: Path) -> No
     assert cascade["images_per_s_vs_first"] == pytest.approx(
         cascade["images_per_s"] / default["images_per_s"], abs=1e-3
     )
-    assert "vs first" in res.stderr  # the table
+    assert "vs first" in tables  # the table
 
 
 def test_a_policy_that_does_not_parse_stops_the_bench() -> None:
