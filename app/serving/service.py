@@ -136,11 +136,9 @@ class ClassifyService(ServedModels):
         (``auto``: the model's measured policy) each served, ready and of the same classes,
         else the whole request fails before any image is decoded (a first cost of a pair
         of models is worked out here, off the event loop); then every image prepared."""
-        policy = request.policy
-        if policy.adaptive:
-            policy = pipeline.preparer.measured_auto or policy
-        for name in policy.models:
-            self.stage_model(slot, name)
+        for policy in pipeline.preparer.with_auto([request.policy]):
+            for name in policy.models:
+                self.stage_model(slot, name)
         return prepare_all(pipeline, images, request)
 
     # -- one image ------------------------------------------------------------------
