@@ -1,15 +1,21 @@
-"""What the view batcher queues: a request's views (a job) in pieces of one shape, and
-how each request's rows come back in its own view order."""
+"""What the view batcher queues: a request's views (a job) in pieces of one shape, how
+each request's rows come back in its own view order, and how its outcome reaches the
+event loop that waits for it: once, from whichever thread settles it."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from app.runtime.engine import ViewOutputs
 from app.tta.preprocess import ViewGroup
+
+# (result, None) or (None, error): called once per job, on a forward thread or the loop
+Deliver = Callable[[Any, BaseException | None], None]
 
 
 @dataclass
@@ -19,27 +25,73 @@ class BatchTimings:
     batches: int = 0
 
 
+def to_future(future: asyncio.Future[Any]) -> Deliver:
+    """A Deliver that settles ``future`` on its event loop, from any thread: one wake-up of
+    the loop per job. Dropped when the future is done already (its waiter timed out or
+    went away) or the loop has closed (nobody is left to tell)."""
+    loop = future.get_loop()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
+
+    return deliver
+
+
 @dataclass
 class Job:
+    """One image's views in the queue. Its fields change under the batcher's lock only."""
+
     groups: list[ViewGroup]
-    future: asyncio.Future[tuple[ViewOutputs, BatchTimings]]
+    deliver: Deliver
     enqueued_at: float  # when the image first arrived: its place in the queue
     submitted_at: float  # when these views were submitted: their queue wait
     done: list[tuple[int, int, ViewOutputs]] = field(default_factory=list)  # group, start
     done_views: int = 0
     timings: BatchTimings = field(default_factory=BatchTimings)
     started: bool = False
+    settled: bool = False  # answered, failed or abandoned: its views no longer run
 
     @property
     def size(self) -> int:
         return sum(len(g.indices) for g in self.groups)
 
-    @property
-    def abandoned(self) -> bool:
-        return self.future.done()
+    def settle(self, result: Any = None, error: BaseException | None = None) -> bool:
+        """Hand the outcome over, once: False when the job was settled already."""
+        if self.settled:
+            return False
+        self.settled = True
+        self.deliver(result, error)
+        return True
+
+    def pieces(self, max_batch_views: float, view_cost: Callable[[tuple[int, ...]], float]
+               ) -> list[Piece]:  # fmt: skip
+        """Its views in pieces of one shape, each at most ``max_batch_views``
+        view-equivalents (``view_cost(shape)``: one view's)."""
+        out: list[Piece] = []
+        for gi, group in enumerate(self.groups):
+            n, cost = int(group.batch.shape[0]), view_cost(tuple(group.batch.shape))
+            step = max(1, int(max_batch_views / cost))
+            out += [
+                Piece(self, gi, start, min(n, start + step), cost) for start in range(0, n, step)
+            ]
+        return out
 
     def merged(self) -> ViewOutputs:
         """Every group's rows, in the request's view order."""
+        if len(self.done) == 1 and len(self.groups) == 1:  # one piece: nothing to put together
+            return self.done[0][2]
         parts = []
         for gi, group in enumerate(self.groups):
             pieces = sorted(((start, out) for g, start, out in self.done if g == gi),
@@ -73,3 +125,15 @@ class Piece:
     @property
     def views(self) -> torch.Tensor:
         return self.job.groups[self.group].batch[self.start : self.stop]
+
+
+@dataclass
+class Batch:
+    """The pieces one forward runs; ``retried``: this is its run after a worker died."""
+
+    pieces: list[Piece]
+    retried: bool = False
+
+    @property
+    def views(self) -> int:
+        return sum(p.size for p in self.pieces)

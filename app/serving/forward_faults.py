@@ -2,13 +2,13 @@
 until it fits; a worker that dies is replaced and its batch run once more; a forward past the
 watchdog's limit takes the model out of readiness until a probe forward answers on a fresh
 worker, and past the recovery limit out of liveness too (an orchestrator restarts the
-process); each event is counted. The batcher (app/serving/batching.py) calls these; the supervised
-threads are app/serving/forward_workers.py."""
+process); each event is counted. The supervised threads (app/serving/forward_workers.py) call
+these."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -22,11 +22,8 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from app.runtime.engine import ViewOutputs
-from app.serving.forward_workers import ForwardPool
 
 log = logging.getLogger(__name__)
-
-RunParts = Callable[[list[torch.Tensor]], ViewOutputs]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -70,21 +67,22 @@ def split_on_oom(
 
 
 class ForwardFaults:
-    """One model's forwards under supervision: the watchdog's limit, the probe a stalled
-    model must answer, why it is out of readiness while it is, and the fault metrics."""
+    """One model's forwards under supervision: the watchdog's limit, why the model is out
+    of readiness while it recovers (and out of liveness past the recovery limit), and the
+    fault metrics. Called from the forward and watchdog threads, under its own lock."""
 
     def __init__(self, model_name: str, metrics: Metrics | None, timeout_s: float | None,
-                 probe: torch.Tensor | None, recovery_limit_s: float | None = None,
-                 ) -> None:  # fmt: skip
+                 recovery_limit_s: float | None = None) -> None:  # fmt: skip
         self.model_name, self.metrics, self.timeout_s = model_name, metrics, timeout_s
         self.recovery_limit_s = recovery_limit_s or None
-        self._probe = probe
-        self._stalls: list[str] = []  # why the model is out of readiness, while it is
+        self._lock = threading.Lock()
+        self._stalls: dict[str, float] = {}  # why the model is out of readiness -> since
         self._unrecovered: str | None = None  # why it is out of liveness, while it is
 
     @property
     def unready(self) -> str | None:
-        return self._stalls[-1] if self._stalls else None
+        with self._lock:
+            return next(reversed(self._stalls), None)
 
     @property
     def unrecovered(self) -> str | None:
@@ -92,63 +90,42 @@ class ForwardFaults:
         should be restarted (liveness fails), since waiting has not brought it back."""
         return self._unrecovered
 
-    async def run(self, pool: ForwardPool, run_parts: RunParts, parts: list[torch.Tensor]
-                  ) -> ViewOutputs:  # fmt: skip
-        """The forward on a supervised worker, under the watchdog; run once more when the
-        worker dies under it (the views were not at fault)."""
-        try:
-            return await pool.run(run_parts, parts, timeout_s=self.timeout_s)
-        except WorkerDiedError:
-            self.count_fault(WorkerDiedError())
-            if self.metrics:
-                self.metrics.forward_retries.labels(self.model_name, "worker_died").inc()
-            log.warning("forward worker died; running its batch once more")
-            return await pool.run(run_parts, parts, timeout_s=self.timeout_s)
-
-    async def recover(self, pool: ForwardPool, run_parts: RunParts, why: str) -> None:
-        """Out of readiness until a probe forward answers on a fresh worker. The probe
-        holds this forward's worker slot, so nothing else is scheduled on it meanwhile; it
-        is not abandoned for another (waiting spawns no more threads), and one that raises
-        is tried again a second later. Not back within the recovery limit: out of liveness
-        as well, until it is."""
-        self._stalls.append(why)
+    def stalled(self, why: str) -> None:
+        """A forward stalled: out of readiness until ``recovered(why)``."""
+        with self._lock:
+            self._stalls[why] = time.monotonic()
         if self.metrics:
             self.metrics.model_unready.labels(self.model_name, "forward_stalled").inc()
             self.metrics.model_ready.labels(self.model_name).set(0)
         log.error("model %s out of readiness: %s", self.model_name, why)
-        deadline = time.monotonic() + (self.recovery_limit_s or float("inf"))
-        probe = self._probe
-        while probe is not None:
-            attempt = asyncio.ensure_future(pool.run(run_parts, [probe], timeout_s=None))
-            try:
-                if self._unrecovered is None:
-                    left = max(0.0, deadline - time.monotonic())
-                    await asyncio.wait({attempt}, timeout=None if left == float("inf") else left)
-                    if not attempt.done():
-                        self._give_up(why)
-                await attempt
-                break
-            except asyncio.CancelledError:
-                attempt.cancel()
-                raise
-            except Exception as exc:
-                log.warning("probe forward of %s failed (%r); trying again", self.model_name, exc)
-                await asyncio.sleep(1.0)
-        self._stalls.remove(why)
-        if self._stalls:
-            return
-        self._unrecovered = None
+
+    def recovered(self, why: str) -> None:
+        """A fresh worker answered the probe after the stall ``why``: ready again once no
+        other stall is outstanding, and live again."""
+        with self._lock:
+            self._stalls.pop(why, None)
+            if self._stalls:
+                return
+            self._unrecovered = None
         if self.metrics:
             self.metrics.model_recoveries.labels(self.model_name).inc()
             self.metrics.model_ready.labels(self.model_name).set(1)
             self.metrics.model_unrecovered.labels(self.model_name).set(0)
         log.warning("model %s ready again", self.model_name)
 
-    def _give_up(self, why: str) -> None:
-        self._unrecovered = (
-            f"not recovered within {self.recovery_limit_s:g} s of a stalled forward ({why}); "
-            "restart the process"
-        )
+    def check_recovery_limit(self) -> None:
+        """Out of liveness as well when a recovery has lasted past the limit."""
+        limit = self.recovery_limit_s
+        with self._lock:
+            if limit is None or self._unrecovered is not None or not self._stalls:
+                return
+            why, since = next(iter(self._stalls.items()))
+            if time.monotonic() - since < limit:
+                return
+            self._unrecovered = (
+                f"not recovered within {limit:g} s of a stalled forward ({why}); "
+                "restart the process"
+            )
         if self.metrics:
             self.metrics.model_unrecovered.labels(self.model_name).set(1)
         log.error("model %s: %s", self.model_name, self._unrecovered)

@@ -1,8 +1,9 @@
 """One classify request's execution on the served models (no HTTP in here): every image
-prepared off the event loop, its forwards through the model's batcher with other
-requests' views, staged policies gated and escalated, the answer predicted. Every classify
-metric (requests, images, stages, views, accuracy from labelled images) is observed here,
-so the edges only translate their wire. The models' lifecycle is ``models.py``'s.
+prepared off the event loop and its views queued from there, its forwards through the
+model's batcher with other requests' views, staged policies gated and escalated, the
+answer predicted. Every classify metric (requests, images, stages, views, accuracy from
+labelled images) is observed here, so the edges only translate their wire. The models'
+lifecycle is ``models.py``'s.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from app.preparer import PreparedViews
 from app.request import ClassifyRequest
 from app.runtime.engine import ViewOutputs
 from app.runtime.plan import EngineOptions
+from app.serving.batch_items import BatchTimings, Job, to_future
+from app.serving.batching import ViewBatcher
 from app.serving.models import ModelSlot, ServedModels
 from app.threads import name_os_thread
 
@@ -80,29 +83,33 @@ class ClassifyService(ServedModels):
         deadline: float,
     ) -> list[Outcome]:
         """Every image of one request: all of them prepared in one task of the preparation
-        pool (one hand-off back to the event loop per request, not per image), then each
-        through the batcher at once. An image that fails on its own (bad bytes, too many
-        views) comes back as its error; a failure of the whole request (overload,
-        deadline, a cascade's later model that is not served, ready or of the same classes)
-        raises, as does anything that is not a domain error (a server bug)."""
-        pipeline, _ = slot.ready()
+        pool, which queues their views for the forward threads itself, so each image's
+        first forward comes back to the event loop once, as its rows. An image that fails
+        on its own (bad bytes, too many views) comes back as its error; a failure of the
+        whole request (overload, deadline, a cascade's later model that is not served,
+        ready or of the same classes) raises, as does anything that is not a domain error
+        (a server bug)."""
+        pipeline, batcher = slot.ready()
         arrived = time.perf_counter()
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
-            self._pre_pool, self.prepare_request, slot, pipeline, images, request
-        )
+        firsts = [FirstStage(loop.create_future()) for _ in images]
+        self._pre_pool.submit(self._prepare_and_queue, slot, pipeline, batcher, images,
+                              request, arrived, deadline, firsts)  # fmt: skip
         gathered: list[Outcome | BaseException]
-        if len(prepared) == 1:  # the common case: no task, no gather
+        if len(firsts) == 1:  # the common case: no task, no gather
             try:
-                gathered = [await self.classify_image(slot, prepared[0], request, deadline,
+                gathered = [await self.classify_image(slot, firsts[0], request, deadline,
                                                       arrived)]  # fmt: skip
             except Exception as exc:
                 gathered = [exc]
         else:
             gathered = await asyncio.gather(
-                *(self.classify_image(slot, p, request, deadline, arrived) for p in prepared),
+                *(self.classify_image(slot, f, request, deadline, arrived) for f in firsts),
                 return_exceptions=True,
             )
+        for first, outcome in zip(firsts, gathered, strict=True):
+            if first.fails_request and isinstance(outcome, BaseException):
+                raise outcome
         for fatal in (OverloadedError, DeadlineExceededError, ForwardError):
             for outcome in gathered:
                 if isinstance(outcome, fatal):
@@ -125,57 +132,83 @@ class ClassifyService(ServedModels):
                 )
         return outcomes
 
-    def prepare_request(
+    def _prepare_and_queue(
         self,
         slot: ModelSlot,
         pipeline: ImagePipeline,
+        batcher: ViewBatcher,
         images: Sequence[bytes],
         request: ClassifyRequest,
-    ) -> list[PreparedViews | MidserveError]:
+        arrived: float,
+        deadline: float,
+        firsts: list[FirstStage],
+    ) -> None:
         """In the preparation pool: the later-stage models the request's policy names
         (``auto``: the model's measured policy) each served, ready and of the same classes,
         else the whole request fails before any image is decoded (a first cost of a pair
-        of models is worked out here, off the event loop); then every image prepared."""
-        for policy in pipeline.preparer.with_auto([request.policy]):
-            for name in policy.models:
-                self.stage_model(slot, name)
-        return prepare_all(pipeline, images, request)
+        of models is worked out here, off the event loop); then every image prepared and
+        its views queued, all at once. Whatever fails reaches the images' answers."""
+        try:
+            for policy in pipeline.preparer.with_auto([request.policy]):
+                for name in policy.models:
+                    self.stage_model(slot, name)
+            ready: list[tuple[FirstStage, PreparedViews]] = []
+            for first, prepared in zip(firsts, prepare_all(pipeline, images, request),
+                                       strict=True):  # fmt: skip
+                if isinstance(prepared, MidserveError):
+                    first.image_error = True
+                    to_future(first.answer)(None, prepared)
+                else:
+                    first.prepared = prepared
+                    ready.append((first, prepared))
+            if ready and time.perf_counter() >= deadline:
+                raise DeadlineExceededError("request deadline passed before its forward")
+            jobs = batcher.enqueue_many(
+                [(prepared.groups, to_future(first.answer)) for first, prepared in ready],
+                enqueued_at=arrived,
+            )
+            for (first, _), job in zip(ready, jobs, strict=True):
+                first.job = job
+                if first.answer.cancelled():  # its waiter gave up while it was queued
+                    batcher.abandon(job)
+        except Exception as exc:  # the whole request's: every image still waiting gets it
+            for first in firsts:
+                first.fails_request = not first.image_error
+                to_future(first.answer)(None, exc)
 
     # -- one image ------------------------------------------------------------------
     async def classify_image(
         self,
         slot: ModelSlot,
-        prepared: PreparedViews | MidserveError,
+        first: FirstStage,
         request: ClassifyRequest,
         deadline: float,
         arrived: float,
     ) -> Prediction:
-        """One prepared image with its forwards through the batcher: forward with other
-        requests' views, and for a staged policy, while the gate says so, cut the next
-        stage from the same decoded image (in the preparation pool) and forward it ahead of
-        newer work (its queue room held while it is cut) through its model's batcher (a
-        cascade's later model: that model's, batched with its own requests); predict here."""
-        if isinstance(prepared, MidserveError):
-            raise prepared
+        """One image from its first forward's rows: for a staged policy, while the gate
+        says so, cut the next stage from the same decoded image (in the preparation pool)
+        and forward it ahead of newer work (its queue room held while it is cut) through
+        its model's batcher (a cascade's later model: that model's, batched with its own
+        requests); predict here, on the event loop (measured cheaper than a hand-off of the
+        rows to another thread)."""
         pipeline, own_batcher = slot.ready()
         batcher = own_batcher  # the current stage's model's
+        try:
+            out, timings = await asyncio.wait_for(
+                first.answer, max(0.0, deadline - time.perf_counter())
+            )
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if first.job is not None:
+                batcher.abandon(first.job)
+            if isinstance(exc, TimeoutError):
+                raise self._busy() from exc
+            raise
+        prepared = first.prepared
+        assert prepared is not None, "answered without being prepared"
         loop = asyncio.get_running_loop()
         parts: list[ViewOutputs] = []  # each stage's outputs
-        queue_wait = forward = reserved = 0.0
+        queue_wait = forward = 0.0
         while True:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                batcher.release(reserved)
-                stage = f"stage {prepared.stages_run}'s" if prepared.policy.staged else "its"
-                raise DeadlineExceededError(f"request deadline passed before {stage} forward")
-            try:
-                out, timings = await batcher.submit(
-                    prepared.groups, left, enqueued_at=arrived, reserved=reserved
-                )
-            except TimeoutError as exc:
-                raise DeadlineExceededError(
-                    f"no result within {self.settings.request_timeout_s:g} s (server busy)"
-                ) from exc
             parts.append(out)
             queue_wait, forward = queue_wait + timings.queue_wait_s, forward + timings.forward_s
             if not pipeline.goes_on(prepared, parts, request.level):
@@ -191,9 +224,38 @@ class ClassifyService(ServedModels):
             except BaseException:
                 batcher.release(reserved)
                 raise
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                batcher.release(reserved)
+                raise DeadlineExceededError(
+                    f"request deadline passed before stage {prepared.stages_run}'s forward"
+                )
+            try:
+                out, timings = await batcher.submit(
+                    prepared.groups, left, enqueued_at=arrived, reserved=reserved
+                )
+            except TimeoutError as exc:
+                raise self._busy() from exc
         pred = pipeline.predict(prepared, parts, request, queue_wait, forward)
         self.metrics.observe_prediction(slot.name, pred, prepared.gates)
         return pred
+
+    def _busy(self) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"no result within {self.settings.request_timeout_s:g} s (server busy)"
+        )
+
+
+@dataclass
+class FirstStage:
+    """One image on its way through preparation to its first forward's rows: filled in
+    by the preparation thread, awaited on the event loop."""
+
+    answer: asyncio.Future[tuple[ViewOutputs, BatchTimings]]
+    prepared: PreparedViews | None = None
+    job: Job | None = None
+    image_error: bool = False  # it failed on its own (bad bytes, too many views)
+    fails_request: bool = False  # its error is the whole request's, not this image's
 
 
 def prepare_all(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ import torch
 from app.errors import ForwardError, ForwardOutOfMemoryError, OverloadedError
 from app.metrics import Metrics
 from app.runtime.engine import Engine, ViewOutputs
+from app.serving.batch_items import to_future
 from app.serving.batching import ViewBatcher
+from app.tta.preprocess import ViewGroup
 
 
 def _views(n: int, seed: int) -> torch.Tensor:
@@ -31,6 +35,16 @@ class Recorder:
         return self.engine.run_views(batch)
 
 
+async def submit_all(b: ViewBatcher, inputs: list[torch.Tensor]) -> list[ViewOutputs]:
+    """Queue every input at once (as the images of one request are), then wait for all:
+    what the forwards see does not depend on when a forward thread wakes."""
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in inputs]
+    pairs = zip(inputs, futures, strict=True)
+    b.enqueue_many([([ViewGroup(list(range(len(x))), x)], to_future(f)) for x, f in pairs])
+    return [out for out, _ in await asyncio.gather(*futures)]
+
+
 def _batcher(run: Recorder, **kw: float) -> ViewBatcher:
     opts = {"max_batch_views": 10, "max_wait_s": 0.05, "max_queue_views": 100, **kw}
     return ViewBatcher("tiny", run, metrics=Metrics(), **opts)  # type: ignore[arg-type]
@@ -43,9 +57,9 @@ def test_requests_are_split_packed_and_returned_in_order(tiny_engine: Engine) ->
     async def go() -> list[ViewOutputs]:
         b = _batcher(run)
         b.start()
-        outs = await asyncio.gather(*(b.submit(x, 10) for x in inputs))
+        outs = await submit_all(b, inputs)
         await b.stop()
-        return [o for o, _ in outs]
+        return outs
 
     outs = asyncio.run(go())
     assert sum(run.sizes) == 39 and max(run.sizes) <= 10 and len(run.sizes) == 4
@@ -163,7 +177,7 @@ def test_idle_workers_share_a_lone_request_and_full_batches_run_under_load(
         await b.submit(_views(10, 1), 10)
         lone = list(run.sizes)
         run.sizes.clear()
-        await asyncio.gather(*(b.submit(_views(10, 2 + i), 10) for i in range(4)))
+        await submit_all(b, [_views(10, 2 + i) for i in range(4)])
         await b.stop()
         return lone, list(run.sizes)
 
@@ -198,3 +212,43 @@ def test_out_of_memory_splits_in_halves_until_the_batch_fits(tiny_engine: Engine
 
     with pytest.raises(ForwardOutOfMemoryError):
         split_on_oom(never)(_views(2, 4))
+
+
+def test_views_queued_from_a_thread_are_answered_with_no_event_loop(tiny_engine: Engine) -> None:
+    """The queue lives in the threads: views queued from a plain thread (as a preparation
+    thread queues them) are batched across images, run and handed back by the forward
+    threads with no event loop running at all, so no forward waits on one."""
+    import threading
+
+    run = Recorder(tiny_engine)
+    b = _batcher(run, max_wait_s=1.0)
+    b.start()
+    answers: dict[int, tuple[Any, BaseException | None, str]] = {}
+    done = threading.Event()
+    inputs = [_views(n, 20 + i) for i, n in enumerate((3, 2, 4))]
+
+    def deliver(i: int) -> Callable[[Any, BaseException | None], None]:
+        def got(result: Any, error: BaseException | None) -> None:
+            answers[i] = (result, error, threading.current_thread().name)
+            if len(answers) == len(inputs):
+                done.set()
+
+        return got
+
+    def queue_from_a_thread() -> None:
+        for i, x in enumerate(inputs):
+            b.enqueue([ViewGroup(list(range(len(x))), x)], deliver(i))
+
+    producer = threading.Thread(target=queue_from_a_thread)
+    producer.start()
+    producer.join()
+    assert done.wait(30), "the views were never answered"
+    asyncio.run(b.stop())
+    assert run.sizes == [9]  # the three images in one forward (within the batching wait)
+    for i, x in enumerate(inputs):
+        result, error, thread = answers[i]
+        assert error is None and thread.startswith("forward-tiny-")
+        out, timings = result
+        assert timings.batches == 1
+        torch.testing.assert_close(out.logits, tiny_engine.run_views(x).logits, rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
