@@ -23,6 +23,8 @@ def average_probabilities(
     if level == "feature":
         pooled = head(features.float().mean(0, keepdim=True))
         return torch.softmax(pooled.float(), dim=-1)[0]
+    if logits.shape[0] == 1 and level in ("logit", "softmax"):  # one view: no mean to take
+        return torch.softmax(logits[0].float(), dim=-1)
     if level == "logit":
         return torch.softmax(logits.float().mean(0), dim=-1)
     if level == "softmax":
