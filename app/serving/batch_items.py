@@ -1,10 +1,9 @@
-"""What the view batcher queues: a request's views (a job) in pieces of one shape, how
-each request's rows come back in its own view order, and how its outcome reaches the
-event loop that waits for it: once, from whichever thread settles it."""
+"""What the view batcher queues: a request's views (a job) in pieces of one shape, and
+how each request's rows come back in its own view order, handed over once (app/threads.py's
+``Deliver``) by whichever thread settles it."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,10 +11,8 @@ from typing import Any
 import torch
 
 from app.runtime.engine import ViewOutputs
+from app.threads import Deliver
 from app.tta.preprocess import ViewGroup
-
-# (result, None) or (None, error): called once per job, on a forward thread or the loop
-Deliver = Callable[[Any, BaseException | None], None]
 
 
 @dataclass
@@ -23,30 +20,6 @@ class BatchTimings:
     queue_wait_s: float = 0.0
     forward_s: float = 0.0
     batches: int = 0
-
-
-def to_future(future: asyncio.Future[Any]) -> Deliver:
-    """A Deliver that settles ``future`` on its event loop, from any thread: one wake-up of
-    the loop per job. Dropped when the future is done already (its waiter timed out or
-    went away) or the loop has closed (nobody is left to tell)."""
-    loop = future.get_loop()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def deliver(result: Any, error: BaseException | None) -> None:
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:
-            if not loop.is_closed():
-                raise
-
-    return deliver
 
 
 @dataclass

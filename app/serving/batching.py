@@ -38,10 +38,11 @@ import torch
 from app.errors import ForwardError, OverloadedError
 from app.metrics import Metrics
 from app.runtime.engine import ViewOutputs
-from app.serving.batch_items import Batch, BatchTimings, Deliver, Job, to_future
+from app.serving.batch_items import Batch, BatchTimings, Job
 from app.serving.forward_faults import ForwardFaults, split_on_oom
 from app.serving.forward_workers import ForwardWorkers, Worker
 from app.serving.pending import PendingViews
+from app.threads import Deliver, to_future
 from app.tta.preprocess import ViewGroup
 
 log = logging.getLogger(__name__)

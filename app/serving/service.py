@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.config import Settings
@@ -23,10 +22,10 @@ from app.preparer import PreparedViews
 from app.request import ClassifyRequest
 from app.runtime.engine import ViewOutputs
 from app.runtime.plan import EngineOptions
-from app.serving.batch_items import BatchTimings, Job, to_future
+from app.serving.batch_items import BatchTimings, Job
 from app.serving.batching import ViewBatcher
 from app.serving.models import ModelSlot, ServedModels
-from app.threads import name_os_thread
+from app.threads import TaskThreads, to_future
 
 Outcome = Prediction | MidserveError  # one image's answer, or why it has none
 
@@ -48,13 +47,11 @@ class ClassifyService(ServedModels):
         self, settings: Settings, metrics: Metrics, options: EngineOptions | None = None
     ) -> None:
         super().__init__(settings, metrics, options)
-        self._pre_pool = ThreadPoolExecutor(
-            settings.preprocess_workers, "preprocess", initializer=name_os_thread
-        )
+        self._pre_pool = TaskThreads(settings.preprocess_workers, "preprocess")
 
     async def stop(self) -> None:
         await super().stop()
-        self._pre_pool.shutdown(wait=False, cancel_futures=True)
+        self._pre_pool.shutdown()
 
     @contextlib.contextmanager
     def observed(self, model: str) -> Iterator[RequestRecord]:
@@ -205,7 +202,6 @@ class ClassifyService(ServedModels):
             raise
         prepared = first.prepared
         assert prepared is not None, "answered without being prepared"
-        loop = asyncio.get_running_loop()
         parts: list[ViewOutputs] = []  # each stage's outputs
         queue_wait = forward = 0.0
         while True:
@@ -220,7 +216,7 @@ class ClassifyService(ServedModels):
             cost = stage_pipeline.preparer.view_equivalents(prepared.next_stage_views)
             reserved = batcher.reserve(cost)
             try:
-                await loop.run_in_executor(self._pre_pool, pipeline.next_stage, prepared)
+                await self._pre_pool.run(pipeline.next_stage, prepared)
             except BaseException:
                 batcher.release(reserved)
                 raise

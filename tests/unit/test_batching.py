@@ -12,8 +12,8 @@ import torch
 from app.errors import ForwardError, ForwardOutOfMemoryError, OverloadedError
 from app.metrics import Metrics
 from app.runtime.engine import Engine, ViewOutputs
-from app.serving.batch_items import to_future
 from app.serving.batching import ViewBatcher
+from app.threads import to_future
 from app.tta.preprocess import ViewGroup
 
 
