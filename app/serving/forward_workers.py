@@ -144,7 +144,8 @@ class ForwardWorkers:
             if worker.retired:
                 self._stuck_returned()
                 return
-            retry = batch is not None and not batch.retried
+            # run once more on the replacement, unless it was the retry or none will come
+            retry = batch is not None and not batch.retried and not self._stopping.is_set()
             if batch is not None:
                 self.faults.count_fault(WorkerDiedError())
             if retry:
@@ -155,8 +156,9 @@ class ForwardWorkers:
                 batch = Batch(batch.pieces, retried=True)
             self._replace(worker, "died", batch if retry else None, worker.recover)
         if batch is not None and not retry:
+            then = "and again on its retry" if batch.retried else "as the server stops"
             self.source.fail(batch, WorkerDiedError(
-                "the forward worker died running this request's batch, and again on its retry"
+                f"the forward worker died running this request's batch, {then}"
             ))  # fmt: skip
 
     def _stuck_returned(self) -> None:
