@@ -40,13 +40,11 @@ class Job:
     def size(self) -> int:
         return sum(len(g.indices) for g in self.groups)
 
-    def settle(self, result: Any = None, error: BaseException | None = None) -> bool:
-        """Hand the outcome over, once: False when the job was settled already."""
-        if self.settled:
-            return False
-        self.settled = True
-        self.deliver(result, error)
-        return True
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Hand the outcome over, once: a job settled already keeps its first outcome."""
+        if not self.settled:
+            self.settled = True
+            self.deliver(result, error)
 
     def pieces(self, max_batch_views: float, view_cost: Callable[[tuple[int, ...]], float]
                ) -> list[Piece]:  # fmt: skip

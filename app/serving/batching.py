@@ -204,7 +204,8 @@ class ViewBatcher:
         """``enqueue`` for the images of one request at once: one lock, one wake-up, and a
         forward sees all of them or none; refused together when they do not all fit."""
         now = time.perf_counter()
-        jobs = [Job(groups, deliver, enqueued_at or now, now) for groups, deliver in images]
+        at = now if enqueued_at is None else enqueued_at
+        jobs = [Job(groups, deliver, at, now) for groups, deliver in images]
         pieces = [p for job in jobs for p in job.pieces(self.max_batch_views, self.view_cost)]
         cost = sum(p.cost for p in pieces)
         with self._lock:
@@ -212,7 +213,7 @@ class ViewBatcher:
             if self._stopping:
                 raise RuntimeError("server is shutting down")
             self._refuse_beyond(cost, "this image" if len(jobs) == 1 else "these images")
-            self._pending.add(pieces, now if enqueued_at is None else enqueued_at)
+            self._pending.add(pieces, at)
             if not self._gathering:
                 self._work.notify()
             elif self._pending.views >= self.max_batch_views:
@@ -240,12 +241,16 @@ class ViewBatcher:
             self.abandon(job)
             raise
 
-    def abandon(self, job: Job, error: BaseException | None = None) -> None:
+    def abandon(self, job: Job) -> None:
         """Drop a job's queued views so no forward runs them (its waiter timed out or went
-        away; or a forward of it failed with ``error``, which its waiter gets)."""
+        away)."""
         with self._lock:
-            job.settle(error=error or asyncio.CancelledError())
-            self._pending.drop(job)
+            self._end(job, asyncio.CancelledError())
+
+    def _end(self, job: Job, error: BaseException) -> None:
+        """Settle ``job`` with ``error`` (unless it has its outcome) and drop its views."""
+        job.settle(error=error)
+        self._pending.drop(job)
 
     def _gauge(self, views: float) -> None:
         if self.metrics:
@@ -330,8 +335,7 @@ class ViewBatcher:
         """Fail every request with views in ``batch`` (their other views are dropped)."""
         with self._lock:
             for piece in batch.pieces:
-                piece.job.settle(error=error)
-                self._pending.drop(piece.job)
+                self._end(piece.job, error)
 
     def _record(self, batch: Batch, elapsed: float) -> None:
         rate = self.workers * batch.views / max(elapsed, 1e-6)

@@ -218,8 +218,8 @@ class ForwardWorkers:
     # -- shutdown -------------------------------------------------------------------
     def close(self, timeout_s: float | None) -> None:
         """Stop taking batches (the source sees to waking the waiting workers), and wait up
-        to ``timeout_s`` for the forwards running to finish and answer (stuck and
-        recovering workers are daemon threads: they do not hold the process)."""
+        to ``timeout_s`` (None: 30 s) for the forwards running to finish and answer (stuck
+        and recovering workers are daemon threads: they do not hold the process)."""
         self._stopping.set()
         deadline = time.monotonic() + (timeout_s or 30.0)
         with self.lock:
@@ -228,7 +228,3 @@ class ForwardWorkers:
             worker.thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._watchdog is not None:
             self._watchdog.join(timeout=1.0)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
