@@ -33,6 +33,14 @@ timeout has to live here.
   connection closed. This replaces uvicorn's ``limit_concurrency``, whose 503 is plain text,
   counts its own connection against the limit (N refuses the Nth) and is not in /metrics.
 
+- A response's head is held until its first body bytes and leaves with them in one write
+  (``_OneWriteResponse``). uvicorn writes the head when the app sends
+  ``http.response.start`` and the body when it sends ``http.response.body``; between the
+  two the event loop's thread can lose the GIL to a forward thread for a switch interval
+  (5 ms). A replica killed there leaves a proxy holding a head and no body: it has begun
+  answering its client, so it can neither retry elsewhere nor answer whole (the failover
+  test saw one such request in 1,710). One write is also one syscall fewer a response.
+
 ``protocol_class()`` builds the class for ``uvicorn.run(http=...)`` around one app's
 settings and metrics (uvicorn instantiates the class itself, with its own arguments).
 """
@@ -42,11 +50,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-from typing import Any
+from typing import Any, cast
 
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from app.api.errors import error_body
@@ -61,6 +69,36 @@ class _HeadTooLarge(Exception):
 
 # where the parser is in the request it reads: between requests, in its head, past its head
 _IDLE, _HEAD, _BODY = 0, 1, 2
+
+
+class _OneWriteResponse:
+    """One request's view of its connection's transport: the response head (the first write
+    once the response has started) is held and written with the next write, the body's. A
+    ``100 Continue`` goes out at once (it is written before the response starts); a HEAD
+    answer, which has no body write, is never held; ``close`` writes a held head first."""
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._head: bytes | None = None
+        self._head_seen = cycle.scope["method"] == "HEAD"
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif not self._head_seen and self._cycle.response_started:
+            self._head_seen = True
+            self._head = data
+            return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head is not None:
+            self.write(b"")
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def event_loop() -> str:
@@ -177,6 +215,9 @@ def protocol_class(
                 self._head_refused = True
                 raise _HeadTooLarge  # stops the parser; uvicorn answers send_400_response
             super().on_headers_complete()
+            cycle = self.cycle  # the new request's (an upgrade makes none)
+            if cycle is not None and cycle.transport is self.transport:
+                cycle.transport = cast(asyncio.Transport, _OneWriteResponse(self.transport, cycle))
 
         def on_message_complete(self) -> None:
             self._reading = _IDLE
