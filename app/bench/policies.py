@@ -113,10 +113,12 @@ def summarize_policy(rounds: list[list[PhotoWindow]]) -> dict[str, Any]:
     rates = [mix_rate(r) for r in rounds]
     windows = [w for r in rounds for w in r]
 
-    def mean(key: str) -> float:
-        return round(statistics.fmean(w.per_image(key) for w in windows), 3)
+    served = [w for w in windows if w.served["images"] > 0]  # a short window may serve none
 
-    answered = [w.served["answered_by_later"] / max(w.served["answered"], 1.0) for w in windows]
+    def mean(key: str) -> float:
+        return round(statistics.fmean(w.per_image(key) for w in served), 3) if served else 0.0
+
+    answered = [w.served["answered_by_later"] / max(w.served["answered"], 1.0) for w in served]
     return {
         "requests": sum(w.run.ok for w in windows),
         "errors": sum(w.run.errors for w in windows),
@@ -125,7 +127,7 @@ def summarize_policy(rounds: list[list[PhotoWindow]]) -> dict[str, Any]:
         "images_per_s_max": round(max(rates), 2),
         "views_per_image": mean("views"),
         "view_equivalents_per_image": mean("view_equivalents"),
-        "answered_by_later_share": round(statistics.fmean(answered), 3),
+        "answered_by_later_share": round(statistics.fmean(answered), 3) if answered else 0.0,
     }
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from app.bench.cpu_budget import Window, representative, summarize_case
 from app.bench.load_client import ClientRun, parse_hey
+from app.bench.policies import PhotoWindow, summarize_policy
 from app.bench.proc import (
     CLOCK_TICKS,
     EDGE,
@@ -155,3 +156,17 @@ def test_a_case_is_summarized_per_image_against_the_forward_limit() -> None:
     assert row["outside_network_ms_by_forward_cost"] == 3.0  # 5 ms less 4 x 0.5 ms
     assert row["forward_only_limit_images_per_s"] == 200.0 and row["of_forward_limit"] == 0.5
     assert row["views_per_s"] == 300.0 and row["client_ms"] == 0.2
+
+
+def test_a_policy_window_that_served_no_image_does_not_count_as_zero_views() -> None:
+    """A short window can end before a request is answered: it says nothing per image, so
+    the policy's views and view-equivalents per image come from the windows that served."""
+    counts = {"images": 4.0, "views": 8.0, "view_equivalents": 6.0,
+              "answered": 4.0, "answered_by_later": 1.0}  # fmt: skip
+    served = PhotoWindow(ClientRun(ok=4, errors=0, elapsed_s=1.0, cpu_s=0.1), counts)
+    empty = PhotoWindow(ClientRun(ok=0, errors=0, elapsed_s=0.03, cpu_s=0.0),
+                        dict.fromkeys(counts, 0.0))  # fmt: skip
+    row = summarize_policy([[served, empty], [served]])
+    assert row["views_per_image"] == 2.0 and row["view_equivalents_per_image"] == 1.5
+    assert row["answered_by_later_share"] == 0.25 and row["requests"] == 8
+    assert summarize_policy([[empty]])["view_equivalents_per_image"] == 0.0
