@@ -204,11 +204,27 @@ def plan_views(spec: ViewSpec, width: int, height: int, size: int, seed: int) ->
     model's own scale); ``seed`` fixes random positions."""
     if spec.adaptive:
         raise InvalidRequestError("the auto policy must be resolved for the image first")
-    return _plan_crops(spec.parts, width, height, size, np.random.default_rng(seed))
+    return _plan_crops(spec.parts, width, height, size, _Draws(seed))
+
+
+class _Draws:
+    """One plan's random positions, from a generator seeded at its first draw: most plans
+    (a center crop, the fixed crops, whole images) draw none, and seeding numpy's
+    generator costs four times what planning a center crop does (about 12 us against 3)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+
+    def up_to(self, high: int, count: int) -> np.ndarray:
+        """``count`` integers in [0, high]."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng.integers(0, high, size=count, endpoint=True)
 
 
 def _plan_crops(
-    parts: Iterable[tuple[str, int]], width: int, height: int, size: int, rng: np.random.Generator
+    parts: Iterable[tuple[str, int]], width: int, height: int, size: int, rng: _Draws
 ) -> list[View]:
     if width < size or height < size:
         raise InvalidRequestError(f"resized image {width}x{height} is smaller than crop {size}")
@@ -224,8 +240,8 @@ def _plan_crops(
                 View(token, x, y, size, size, kind == "mfixed", resized) for x, y in corners[:count]
             )
         else:
-            xs = rng.integers(0, width - size, size=count, endpoint=True)
-            ys = rng.integers(0, height - size, size=count, endpoint=True)
+            xs = rng.up_to(width - size, count)
+            ys = rng.up_to(height - size, count)
             views.extend(
                 View(token, int(x), int(y), size, size, kind == "mrandom", resized)
                 for x, y in zip(xs, ys, strict=True)
@@ -260,7 +276,7 @@ def plan_image_views(
     so a spec of crops at the model's scale plans exactly what ``plan_views`` plans."""
     if spec.adaptive:
         raise InvalidRequestError("the auto policy must be resolved for the image first")
-    rng = np.random.default_rng(seed)
+    rng = _Draws(seed)
     views: list[View] = []
     for token, count in spec.parts:
         kind, size = split_kind(token)
