@@ -178,3 +178,22 @@ def classify(engine: Engine, data: bytes, spec: ViewSpec, **request: Any) -> Pre
 
 def preparer(engine: Engine) -> ImagePreparer:
     return ImagePipeline(engine).preparer
+
+
+def assert_same_top(got: list[dict[str, Any]], want: list[Any]) -> None:
+    """The same classes in the same order, probabilities equal within float32 rounding: two
+    requests' views may run in forwards of different sizes or on different workers (and the
+    OpenVINO backend differs from torch by about 1e-6), so equal answers are not equal bits.
+    ``want``: another answer's ``top`` or a local prediction's."""
+
+    def pairs(top: list[Any]) -> list[tuple[int, float]]:
+        return [(t["index"], t["prob"]) if isinstance(t, dict) else (t.index, t.prob) for t in top]
+
+    got_pairs, want_pairs = pairs(got), pairs(want)
+    assert [i for i, _ in got_pairs] == [i for i, _ in want_pairs]
+    torch.testing.assert_close(
+        torch.tensor([p for _, p in got_pairs]),
+        torch.tensor([p for _, p in want_pairs]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
