@@ -46,7 +46,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_repo: Path, tmp_p
         while not refused and any(t.is_alive() for t in threads):
             try:
                 httpx.get(base + "/healthz", timeout=1)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                # refused, or reset unanswered: a connection the kernel completed in the
+                # listening socket's backlog as the server closed it (1 run in ~30 here)
                 refused = True
             time.sleep(0.05)
         for t in threads:
