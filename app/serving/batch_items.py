@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -40,11 +39,12 @@ class Job:
     def size(self) -> int:
         return sum(len(g.indices) for g in self.groups)
 
-    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        """Hand the outcome over, once: a job settled already keeps its first outcome."""
+    def settle(self, error: BaseException) -> None:
+        """Fail it, once: a job settled already keeps its first outcome (a job's rows are
+        handed over by the batcher's ``_deliver``, which settles it as they complete)."""
         if not self.settled:
             self.settled = True
-            self.deliver(result, error)
+            self.deliver(None, error)
 
     def pieces(self, max_batch_views: float, view_cost: Callable[[tuple[int, ...]], float]
                ) -> list[Piece]:  # fmt: skip

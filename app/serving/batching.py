@@ -128,7 +128,7 @@ class ViewBatcher:
             self._pool = None
         with self._lock:
             for piece in self._pending:
-                piece.job.settle(error=RuntimeError("server is shutting down"))
+                piece.job.settle(RuntimeError("server is shutting down"))
             self._pending.clear()
 
     @property
@@ -249,7 +249,7 @@ class ViewBatcher:
 
     def _end(self, job: Job, error: BaseException) -> None:
         """Settle ``job`` with ``error`` (unless it has its outcome) and drop its views."""
-        job.settle(error=error)
+        job.settle(error)
         self._pending.drop(job)
 
     def _gauge(self, views: float) -> None:

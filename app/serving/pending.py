@@ -47,10 +47,10 @@ class PendingViews:
 
     def drop(self, job: Job) -> None:
         """Take a job's pieces out (it was answered, failed or abandoned)."""
-        if any(p.job is job for p in self._pieces):
-            dropped = sum(p.cost for p in self._pieces if p.job is job)
+        dropped = [p for p in self._pieces if p.job is job]
+        if dropped:
             self._pieces = deque(p for p in self._pieces if p.job is not job)
-            self.hold(-dropped)
+            self.hold(-sum(p.cost for p in dropped))
 
     def clear(self) -> None:
         self._pieces.clear()
