@@ -3,7 +3,7 @@ does the served work, beside the served one, measured the way ``midserve bench
 --cpu-budget`` measures ours.
 
     PYTHONPATH=. .venv/bin/python -m studies.request_floor [--seconds 8] [--rounds 2]
-        [--photos ../shared/data/imagenet-samples] [--model tf_efficientnet_lite0]
+        [--photos ../shared/data/imagenet-samples] [--model tf_efficientnet_lite0] [--region]
 
 The prototype, on the served HTTP stack (uvicorn + httptools + uvloop, a bare Starlette
 route): the body read whole; one hand-off to a preparation thread that decodes
@@ -13,7 +13,9 @@ between preparation and forward); forward threads, as many as the served plan's 
 each take what is queued (up to the plan's views per forward), run the same tuned network
 (``Engine.run_views``), rank the top 5 with numpy and hand each answer back to the loop
 once; orjson writes a 5-class answer. No batcher deadlines, faults, metrics, view plan,
-staged policies or limits: what is left is work no design can drop.
+staged policies or limits: what is left is work no design can drop. ``--region`` adds a
+third server, the same prototype decoding only the center crop's box (libjpeg-turbo's
+cropped decode, ``studies/region_decode.py``): the floor outside simplejpeg's whole decode.
 
 Both servers run at once, idle in turn: each window loads one of them at c8 with ``hey``
 posting one of the bench's three representative photos, the windows interleaved with the
@@ -42,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import simplejpeg
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -59,8 +60,10 @@ from app.runtime.load import load_engine
 from app.runtime.plan import EngineOptions
 from app.serve_process import HOST, free_port, running_process, serve_process
 from app.threads import name_os_thread
+from studies.region_decode import CenterCrop, RegionDecoder, build
 
 MODEL_ENV = "FLOOR_MODEL"
+REGION_ENV = "FLOOR_REGION_LIB"  # the cropped-decode helper: only the view's box decoded
 Job = tuple[np.ndarray, asyncio.AbstractEventLoop, asyncio.Future[bytes]]
 
 
@@ -72,10 +75,11 @@ def tuned(model: str) -> Engine:
 class FloorServer:
     """Preparation threads feed forward threads directly; one hand-off back per answer."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, region: RegionDecoder | None = None) -> None:
         self.engine = engine
         cfg = engine.cfg
-        self.crop, self.resize, self.mode = cfg.input_size, cfg.resize_size, cfg.interpolation
+        self.center = CenterCrop(cfg.resize_size, cfg.input_size, cfg.interpolation)
+        self.region = region
         self.labels = engine.model.labels.ids
         self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.prep = ThreadPoolExecutor(2, "preprocess", initializer=self._prep_thread)
@@ -88,15 +92,9 @@ class FloorServer:
         torch.set_num_threads(1)
 
     def center_view(self, data: bytes) -> np.ndarray:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        h, w = pixels.shape[:2]
-        k = self.resize / min(h, w)
-        nchw = torch.from_numpy(pixels).unsqueeze(0).permute(0, 3, 1, 2)  # channels_last
-        resized = torch.nn.functional.interpolate(
-            nchw, size=(round(h * k), round(w * k)), mode=self.mode, antialias=True
-        )[0].permute(1, 2, 0)
-        y, x = (resized.shape[0] - self.crop) // 2, (resized.shape[1] - self.crop) // 2
-        return np.ascontiguousarray(resized.numpy()[y : y + self.crop, x : x + self.crop])
+        if self.region is None:
+            return self.center.whole(data)
+        return self.center.boxed(data, self.region)
 
     def prepare_and_queue(self, data: bytes, loop: asyncio.AbstractEventLoop,
                           answer: asyncio.Future[bytes]) -> None:  # fmt: skip
@@ -152,7 +150,8 @@ def create_app() -> Starlette:
     loader = threading.Thread(target=load_named)
     loader.start()
     loader.join()
-    server = FloorServer(engines[0])
+    lib = os.environ.get(REGION_ENV)
+    server = FloorServer(engines[0], RegionDecoder(Path(lib)) if lib else None)
     return Starlette(routes=[Route("/classify", server.classify, methods=["POST"]),
                              Route("/healthz", _live)])  # fmt: skip
 
@@ -195,13 +194,20 @@ class Target:
         }
 
 
-def floor_server(model: str) -> contextlib.AbstractContextManager[Any]:
+def floor_target(process: Any) -> Target:
+    port = process.args[process.args.index("--port") + 1]
+    return Target(f"http://{HOST}:{port}/classify", process.pid)
+
+
+def floor_server(model: str, region_lib: Path | None = None
+                 ) -> contextlib.AbstractContextManager[Any]:  # fmt: skip
     port = free_port()
+    env = {**os.environ, MODEL_ENV: model, **({REGION_ENV: str(region_lib)} if region_lib else {})}
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "studies.request_floor:create_app",
            "--host", HOST, "--port", str(port), "--http", "httptools", "--loop", "uvloop",
            "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    return running_process(cmd, f"http://{HOST}:{port}/healthz", env={**os.environ,
-                           MODEL_ENV: model}, name="floor server", ready_timeout_s=120)  # fmt: skip
+    return running_process(cmd, f"http://{HOST}:{port}/healthz", env=env, name="floor server",
+                           ready_timeout_s=120)  # fmt: skip
 
 
 def main() -> None:
@@ -210,6 +216,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="of load per window")
     parser.add_argument("--rounds", type=int, default=2, help="of every photo on each server")
     parser.add_argument("--model", default="tf_efficientnet_lite0")
+    parser.add_argument(
+        "--region",
+        action="store_true",
+        help="a third server: the floor decoding only the view's box (studies/region_decode.py)",
+    )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed (apt-get install hey): no load client")
@@ -226,13 +237,14 @@ def main() -> None:
             (tmp / name).write_bytes(data)
             photos.append(tmp / name)
         floor = stack.enter_context(floor_server(args.model))
+        region = (stack.enter_context(floor_server(args.model, build(tmp))) if args.region
+                  else None)  # fmt: skip
         base, served = stack.enter_context(
             serve_process(default_models_dir(), args.model, ready_timeout_s=180)
         )
         targets = {
-            "floor": Target(
-                f"http://{HOST}:{floor.args[floor.args.index('--port') + 1]}/classify", floor.pid
-            ),  # fmt: skip
+            "floor": floor_target(floor),
+            **({"floor, the box decoded": floor_target(region)} if region else {}),
             "served": Target(
                 f"{base}/v1/models/{args.model}/classify?views=center&seed=0", served.pid
             ),  # fmt: skip
