@@ -133,10 +133,18 @@ class ImagePipeline:
             outputs, prepared.stages_run
         )
         values, indices = probs.topk(min(request.top_k, probs.shape[0]))
-        ran = outputs[: prepared.stages_run]
-        logits = ran[0].logits.float() if len(ran) == 1 else torch.cat([o.logits for o in ran])
-        view_p, view_i = torch.softmax(logits, dim=-1).max(dim=-1)
         labels = self.engine.model.labels
+        top = top_classes(labels, values, indices)
+        ran = outputs[: prepared.stages_run]
+        if len(ran) == 1 and ran[0].logits.shape[0] == 1 and temperature == 1.0 \
+                and request.level != "feature":  # fmt: skip
+            # one view, uncalibrated: its own probabilities are the answer's (a softmax and
+            # a max fewer on the event loop: a quarter of this method for a center crop)
+            view_top1, view_i = top[:1], indices[:1].tolist()
+        else:
+            logits = ran[0].logits.float() if len(ran) == 1 else torch.cat([o.logits for o in ran])
+            view_p, view_ix = torch.softmax(logits, dim=-1).max(dim=-1)
+            view_top1, view_i = top_classes(labels, view_p, view_ix), view_ix.tolist()
         image = prepared.image
         views = prepared.views_run
         boxes = boxes_in_original(views, image.resized_size, image.original_size)
@@ -147,17 +155,17 @@ class ImagePipeline:
             "postprocess": time.perf_counter() - t0,
         }
         return Prediction(
-            top=top_classes(labels, values, indices),
+            top=top,
             level=request.level,
             views=views,
             spec=str(prepared.policy),
             policy=str(request.spec),
             seed=prepared.seed,
             boxes=boxes,
-            view_top1=top_classes(labels, view_p, view_i),
+            view_top1=view_top1,
             probs=probs,
             view_equivalents=prepared.view_equivalents,
-            agreement=agreement(view_i.tolist(), int(indices[0])),
+            agreement=agreement(view_i, int(indices[0])),
             temperature=temperature,
             stages=stage_report(prepared, self.name),
             timings=timings,

@@ -104,6 +104,26 @@ def test_agreement_is_the_share_of_views_whose_top1_is_the_answer(tiny_engine: E
     assert str(parse_view_spec("fixed:5,mfixed:5")) == pred.spec and pred.stages is None
 
 
+@pytest.mark.parametrize("level", ["softmax", "logit", "feature"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_one_views_top1_is_its_own_uncalibrated_softmax(
+    tiny_engine: Engine, level: Level, temperature: float
+) -> None:
+    """One view's own top-1 (which the answer shares when uncalibrated, and predict then
+    takes from the answer) is its softmax's largest probability, whatever the calibration."""
+    cfg = tiny_engine.cfg.with_changes(calibration={f"center:1@{level}": temperature})
+    engine = Engine(dataclasses.replace(tiny_engine.model, cfg=cfg), tiny_engine.options)
+    pipeline = ImagePipeline(engine)
+    request = ClassifyRequest(parse_view_spec("center"), level, top_k=3, seed=0)
+    prepared = pipeline.prepare(IMAGES[4], request)
+    outputs = engine.run_groups(prepared.groups)
+    pred = pipeline.predict(prepared, [outputs], request, 0.0, 0.0)
+    p, i = torch.softmax(outputs.logits.float(), dim=-1).max(dim=-1)
+    assert pred.temperature == temperature
+    assert [(v.index, v.prob) for v in pred.view_top1] == [(int(i), pytest.approx(float(p)))]
+    assert pred.agreement == (1.0 if int(i) == pred.top[0].index else 0.0)
+
+
 # -- cascades -----------------------------------------------------------------------------
 C, D = 10, 6
 
