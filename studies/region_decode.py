@@ -1,7 +1,7 @@
 """The floor of a center crop's preparation when only the pixels its view covers are
 decoded: libjpeg-turbo's cropped decode (``jpeg_crop_scanline``, ``jpeg_skip_scanlines``,
-the rows below never read) and a resize of that box alone, against the served way (the
-whole photo decoded by simplejpeg, resized whole, the crop cut).
+the rows below never read) and a resize of that box (and its margin) alone, against the
+served way (the whole photo decoded by simplejpeg, resized whole, the crop cut).
 
     PYTHONPATH=. .venv/bin/python -m studies.region_decode [--repeats 3] [--no-top1]
 
@@ -9,15 +9,15 @@ simplejpeg exposes no cropped decode, so this builds ``studies/region_decode.c``
 system's libjpeg-turbo (gcc and Debian's libjpeg62-turbo-dev; it says so and stops where
 either is missing) into a temporary folder and calls it through ctypes.
 
-Reported: (1) the box's pixels against a whole decode's, every JPEG of imagenet-samples (a
-margin of 16 px decoded around the box, so chroma upsampling at its edges sees what a whole
-decode sees); (2) per photo, one thread, the ways in turn, the best of ``--repeats``: the
-thread's CPU time for the decode alone and for the whole preparation of the view; (3) top-1
-of the tuned model on both views of every JPEG of imagenet-samples and
-imagenet-samples-extra: the box is resized alone, so the view's pixels differ from the
-whole-photo resize's by a fraction of a source pixel's position, and this counts what that
-changes. ``python -m studies.request_floor --region`` puts the same decode in the floor's
-server, beside the served one.
+Reported: (1) the box's pixels against a whole decode's, every JPEG of imagenet-samples,
+decoded with a margin of 16 px around the box (so chroma upsampling at its edges sees what
+a whole decode sees) and with none; (2) per photo, one thread, the ways in turn, the best
+of ``--repeats``: the thread's CPU time for the decode alone and for the whole preparation
+of the view; (3) top-1 of the tuned model on both views of every JPEG of imagenet-samples
+and imagenet-samples-extra: the box and its margin are resized on their own at the photo's
+scale, so the view is sampled a fraction of a source pixel off the whole-photo resize's
+grid, and this counts what that changes. ``python -m studies.request_floor --region`` puts
+the same decode in the floor's server, beside the served one.
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ class RegionDecoder:
             raise ValueError(f"cropped decode failed ({rc})")
         return out[:, mx0 - left.value : mx1 - left.value], x0 - mx0, y0 - my0
 
-    def exact(self, data: bytes, box: Box, size: tuple[int, int]) -> np.ndarray:
+    def exact(self, data: bytes, box: Box, size: tuple[int, int], margin: int = MARGIN
+              ) -> np.ndarray:  # fmt: skip
         """[y1 - y0, x1 - x0, 3]: ``box`` alone (its margin decoded, then left out)."""
-        pixels, x, y = self.box(data, box, size)
+        pixels, x, y = self.box(data, box, size, margin)
         return pixels[y : y + box[3] - box[1], x : x + box[2] - box[0]]
 
 
@@ -140,15 +141,16 @@ def jpegs(folder: Path) -> list[Path]:
 
 
 def same_pixels(decoder: RegionDecoder, photos: list[bytes], crop: CenterCrop) -> dict[str, int]:
-    """The box decoded alone against the same box of a whole decode (the helper's)."""
-    differ = 0
+    """The box decoded alone, with ``MARGIN`` around it and with none, against the same box
+    of a whole decode (the helper's): how many photos' boxes differ."""
+    differ = {"margin": 0, "no_margin": 0}
     for data in photos:
         size = decoder.size(data)
         box = crop.source_box(*size)
-        whole = decoder.exact(data, (0, 0, *size), size)
-        differ += not np.array_equal(decoder.exact(data, box, size),
-                                     whole[box[1] : box[3], box[0] : box[2]])  # fmt: skip
-    return {"photos": len(photos), "boxes_differing": differ}
+        want = decoder.exact(data, (0, 0, *size), size)[box[1] : box[3], box[0] : box[2]]
+        for name, margin in (("margin", MARGIN), ("no_margin", 0)):
+            differ[name] += not np.array_equal(decoder.exact(data, box, size, margin), want)
+    return {"photos": len(photos), **{f"boxes_differing_{k}": n for k, n in differ.items()}}
 
 
 def cpu_times(ways: dict[str, Callable[[bytes], object]], photos: list[bytes],

@@ -14,10 +14,13 @@ each take what is queued (up to the plan's views per forward), run the same tune
 (``Engine.run_views``), rank the top 5 with numpy and hand each answer back to the loop
 once; orjson writes a 5-class answer. No batcher deadlines, faults, metrics, view plan,
 staged policies or limits: what is left is work no design can drop. ``--region`` adds a
-third server, the same prototype decoding only the center crop's box (libjpeg-turbo's
-cropped decode, ``studies/region_decode.py``): the floor outside simplejpeg's whole decode.
+server of the same prototype decoding only the center crop's box (libjpeg-turbo's cropped
+decode, ``studies/region_decode.py``): the floor outside simplejpeg's whole decode.
+``--layers`` adds two: the prototype inside the served HTTP protocol class, and inside it
+and the served ASGI middleware, so what the served event loop spends beyond the floor's
+splits into those layers and the served route itself.
 
-Both servers run at once, idle in turn: each window loads one of them at c8 with ``hey``
+The servers run at once, idle in turn: each window loads one of them at c8 with ``hey``
 posting one of the bench's three representative photos, the windows interleaved with the
 raw forward's own timing (as the bench does), so drift on a shared machine reaches both.
 Reported per server as the bench reports it: CPU per request from /proc less its forward
@@ -45,15 +48,19 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.api.http_protocol import protocol_class
+from app.api.middleware import BodyBytesInFlight, RequestMiddleware
 from app.bench.cpu_budget import forward_cpu, representative
 from app.bench.load_client import run_hey
 from app.bench.proc import FORWARD, cpu_between, snapshot
-from app.config import default_models_dir
+from app.config import Settings, default_models_dir
+from app.metrics import Metrics
 from app.repository import ModelRepository
 from app.runtime.engine import Engine
 from app.runtime.load import load_engine
@@ -64,6 +71,9 @@ from studies.region_decode import CenterCrop, RegionDecoder, build
 
 MODEL_ENV = "FLOOR_MODEL"
 REGION_ENV = "FLOOR_REGION_LIB"  # the cropped-decode helper: only the view's box decoded
+LAYERS_ENV = "FLOOR_LAYERS"  # the served HTTP layers around the prototype's route
+LAYERS = {"protocol": "floor + served protocol",
+          "protocol+middleware": "floor + served protocol and middleware"}  # fmt: skip
 Job = tuple[np.ndarray, asyncio.AbstractEventLoop, asyncio.Future[bytes]]
 
 
@@ -138,7 +148,7 @@ async def _live(_: Request) -> Response:
 
 
 def create_app() -> Starlette:
-    """uvicorn's factory: the model loads in the server process only, on a thread named as
+    """The prototype's app: the model loads in the server process only, on a thread named as
     the server names its loading thread, so OpenVINO's inference threads born there count
     as forward threads."""
     engines: list[Engine] = []
@@ -194,18 +204,37 @@ class Target:
         }
 
 
+def serve(port: int) -> None:
+    """The prototype on uvicorn + httptools + uvloop; with ``FLOOR_LAYERS``, inside the
+    served protocol class (api/http_protocol.py) and the served ASGI middleware
+    (api/middleware.py), each with the served default settings."""
+    layers = os.environ.get(LAYERS_ENV, "")
+    settings, metrics = Settings(), Metrics()
+    app: Any = create_app()
+    if "middleware" in layers:
+        app = RequestMiddleware(
+            app, metrics, settings.max_body_bytes, settings.body_read_timeout_s,
+            settings.body_min_rate_bytes_s,
+            BodyBytesInFlight(settings.max_inflight_body_bytes, metrics),
+        )  # fmt: skip
+    http: Any = "httptools"
+    if "protocol" in layers:
+        http = protocol_class(settings.header_read_timeout_s, settings.max_connections, metrics)
+    uvicorn.run(app, host=HOST, port=port, loop="uvloop", http=http, log_level="warning",
+                access_log=False)  # fmt: skip
+
+
 def floor_target(process: Any) -> Target:
-    port = process.args[process.args.index("--port") + 1]
+    port = process.args[process.args.index("--serve") + 1]
     return Target(f"http://{HOST}:{port}/classify", process.pid)
 
 
-def floor_server(model: str, region_lib: Path | None = None
+def floor_server(model: str, region_lib: Path | None = None, layers: str = ""
                  ) -> contextlib.AbstractContextManager[Any]:  # fmt: skip
     port = free_port()
-    env = {**os.environ, MODEL_ENV: model, **({REGION_ENV: str(region_lib)} if region_lib else {})}
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "studies.request_floor:create_app",
-           "--host", HOST, "--port", str(port), "--http", "httptools", "--loop", "uvloop",
-           "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    env = {**os.environ, MODEL_ENV: model, LAYERS_ENV: layers,
+           **({REGION_ENV: str(region_lib)} if region_lib else {})}  # fmt: skip
+    cmd = [sys.executable, "-m", "studies.request_floor", "--serve", str(port)]
     return running_process(cmd, f"http://{HOST}:{port}/healthz", env=env, name="floor server",
                            ready_timeout_s=120)  # fmt: skip
 
@@ -219,9 +248,19 @@ def main() -> None:
     parser.add_argument(
         "--region",
         action="store_true",
-        help="a third server: the floor decoding only the view's box (studies/region_decode.py)",
+        help="another server: the floor decoding only the view's box (studies/region_decode.py)",
     )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="two more: the floor inside the served protocol class, and inside it and the "
+        "served middleware",
+    )
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:  # one of the floor's servers, started by the run below
+        serve(args.serve)
+        return
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed (apt-get install hey): no load client")
     files = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
@@ -239,12 +278,15 @@ def main() -> None:
         floor = stack.enter_context(floor_server(args.model))
         region = (stack.enter_context(floor_server(args.model, build(tmp))) if args.region
                   else None)  # fmt: skip
+        layered = {name: stack.enter_context(floor_server(args.model, layers=layers))
+                   for layers, name in LAYERS.items() if args.layers}  # fmt: skip
         base, served = stack.enter_context(
             serve_process(default_models_dir(), args.model, ready_timeout_s=180)
         )
         targets = {
             "floor": floor_target(floor),
             **({"floor, the box decoded": floor_target(region)} if region else {}),
+            **{name: floor_target(process) for name, process in layered.items()},
             "served": Target(
                 f"{base}/v1/models/{args.model}/classify?views=center&seed=0", served.pid
             ),  # fmt: skip
