@@ -22,21 +22,6 @@ static void guarded(struct jpeg_decompress_struct *c, struct guard *g) {
     g->warnings = 0;
 }
 
-/* the stored width and height */
-int region_jpeg_size(const unsigned char *data, unsigned long size, int *width, int *height) {
-    struct jpeg_decompress_struct c;
-    struct guard g;
-    guarded(&c, &g);
-    if (setjmp(g.back)) { jpeg_destroy_decompress(&c); return -1; }
-    jpeg_create_decompress(&c);
-    jpeg_mem_src(&c, data, size);
-    jpeg_read_header(&c, TRUE);
-    *width = (int)c.image_width;
-    *height = (int)c.image_height;
-    jpeg_destroy_decompress(&c);
-    return 0;
-}
-
 /* rows [y0, y1) of the columns from *x (in) covering [x0, x1) as RGB into out, whose rows
  * are stride bytes apart; the columns decoded start at *x and are *width wide (out). */
 int region_jpeg_decode(const unsigned char *data, unsigned long size, int x0, int y0, int x1,
