@@ -37,6 +37,8 @@ import numpy as np
 import simplejpeg
 import torch
 
+from app.tta.views import resized_shape
+
 SOURCE = Path(__file__).with_suffix(".c")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MARGIN = 16  # px decoded around a box: chroma upsampling at its edges reads beyond it
@@ -109,16 +111,14 @@ class CenterCrop:
     def whole(self, data: bytes) -> np.ndarray:
         """As served: the whole photo decoded and resized, the crop cut."""
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        h, w = pixels.shape[:2]
-        k = self.resize / min(h, w)
-        resized = self._resize(pixels, (round(h * k), round(w * k)))
+        rw, rh = resized_shape(pixels.shape[1], pixels.shape[0], self.resize)
+        resized = self._resize(pixels, (rh, rw))
         y, x = (resized.shape[0] - self.crop) // 2, (resized.shape[1] - self.crop) // 2
         return np.ascontiguousarray(resized.numpy()[y : y + self.crop, x : x + self.crop])
 
     def source_box(self, w: int, h: int) -> Box:
         """The crop's box in the stored photo (its edges rounded to whole pixels)."""
-        k = self.resize / min(w, h)
-        rw, rh = round(w * k), round(h * k)
+        rw, rh = resized_shape(w, h, self.resize)
         bx, by = (rw - self.crop) // 2, (rh - self.crop) // 2
         return (round(bx * w / rw), round(by * h / rh), min(w, round((bx + self.crop) * w / rw)),
                 min(h, round((by + self.crop) * h / rh)))  # fmt: skip
