@@ -33,6 +33,7 @@ class Job:
     done_views: int = 0
     timings: BatchTimings = field(default_factory=BatchTimings)
     started: bool = False
+    share: int = 0  # view-equivalents a forward took of it when shared among idle workers
     settled: bool = False  # answered, failed or abandoned: its views no longer run
 
     @property

@@ -97,6 +97,7 @@ class ViewBatcher:
         # full batch: each is woken alone, so no thread wakes only to sleep again
         self._work = threading.Condition(self._lock)
         self._filled = threading.Condition(self._lock)
+        self._arrived = threading.Condition(self._lock)  # a worker came for work (start waits)
         self._pending = PendingViews(self._gauge)
         self._idle_workers = 0  # workers waiting for work: neither gathering nor running
         self._gathering = False  # one worker gathers a batch at a time
@@ -106,6 +107,8 @@ class ViewBatcher:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        """Start the forward threads and return once each waits for work (a few ms at
+        most), so the first request is shared among all of them like any later one."""
         if self._pool is None:
             with self._lock:
                 self._stopping = False
@@ -115,6 +118,8 @@ class ViewBatcher:
                 None if probe is None else lambda: self._run(probe),
                 threads=self._threads, metrics=self.metrics,
             )  # fmt: skip
+            with self._lock:
+                self._arrived.wait_for(lambda: self._idle_workers >= self.workers, timeout=5.0)
 
     async def stop(self) -> None:
         """Forwards already running finish and answer their requests; views still queued
@@ -260,8 +265,12 @@ class ViewBatcher:
     def batch_size_now(self) -> float:
         """View-equivalents for the next forward: full batches while the queue is deep;
         with idle workers and a short queue, an even share each, so the views of a lone
-        request run on every idle worker at once instead of queueing behind each other."""
+        request run on every idle worker at once instead of queueing behind each other.
+        A request once shared out is not cut finer: a worker back from its share before the
+        one woken for the rest takes a whole share too, not half of what is left."""
         share = math.ceil(self._pending.views / (self._idle_workers + 1) - 1e-9)
+        head = self._pending.head().job
+        head.share = share = max(share, head.share)
         return max(1, min(self.max_batch_views, share))
 
     def next_batch(self, worker: Worker) -> Batch | None:
@@ -270,6 +279,7 @@ class ViewBatcher:
         goes at once) and take it. None: the worker should exit."""
         with self._lock:
             self._idle_workers += 1  # until it starts gathering
+            self._arrived.notify_all()
             while True:
                 while (
                     not self._stopping

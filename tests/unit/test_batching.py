@@ -187,6 +187,28 @@ def test_idle_workers_share_a_lone_request_and_full_batches_run_under_load(
     assert burst[4:] in ([8], [4, 4])
 
 
+def test_a_worker_back_before_the_one_woken_for_the_rest_takes_a_whole_share(
+    tiny_engine: Engine,
+) -> None:
+    """A lone 10-view request shared between two idle workers runs as 5 + 5 even when the
+    first is back from its forward before the second has woken for the rest (a fast
+    forward on a busy CPU): it takes the other whole share, not 3 of the 5 left, which
+    would make a third forward. Driven on this thread, the second worker counted idle."""
+    from app.serving.forward_workers import Worker
+
+    b = ViewBatcher("tiny", Recorder(tiny_engine), max_batch_views=8, max_wait_s=0.0,
+                    max_queue_views=100, workers=2)  # fmt: skip
+    b.enqueue([ViewGroup(list(range(10)), _views(10, 1))], lambda out, err: None)
+    first = Worker("first", lambda w: None, None, None)
+    b._idle_workers = 1  # the second worker: notified for the rest, not yet running
+    sizes = []
+    for _ in range(2):
+        batch = b.next_batch(first)
+        assert batch is not None
+        sizes.append(batch.views)
+    assert sizes == [5, 5] and not b._pending
+
+
 def test_out_of_memory_splits_in_halves_until_the_batch_fits(tiny_engine: Engine) -> None:
     """A forward that runs out of memory runs again as two halves, each split again while
     it does not fit; rows come back in order. The ceiling (more than 4 views) stands in for
