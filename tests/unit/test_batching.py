@@ -131,15 +131,19 @@ def test_two_workers_run_forwards_at_once_and_keep_view_order(tiny_engine: Engin
 
     lock = threading.Lock()
     state = {"active": 0, "peak": 0}
+    both = threading.Event()  # two forwards were running at once
 
     def run(batch: torch.Tensor) -> ViewOutputs:
         with lock:
             state["active"] += 1
             state["peak"] = max(state["peak"], state["active"])
+            if state["active"] == 2:
+                both.set()
         try:
-            for _ in range(3):  # long enough for the other worker to start
-                out = tiny_engine.run_views(batch)
-            return out
+            # each forward waits for the other worker's (a batcher that ran one forward at
+            # a time would make every one wait out the 5 s, and leave the peak at 1)
+            both.wait(5.0)
+            return tiny_engine.run_views(batch)
         finally:
             with lock:
                 state["active"] -= 1
