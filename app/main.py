@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api.edge import Edge
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodyBytesInFlight, RequestMiddleware
+from app.api.middleware import RequestMiddleware
 from app.api.routes import probes, require_token, router
 from app.api.v2.routes import router as v2_router
 from app.api.web import install_web
@@ -82,14 +82,7 @@ def create_app(settings: Settings | None = None, options: EngineOptions | None =
     app.include_router(router)
     app.include_router(probes)
     app.include_router(v2_router)
-    app.add_middleware(
-        RequestMiddleware,
-        metrics=metrics,
-        max_bytes=settings.max_body_bytes,
-        read_timeout_s=settings.body_read_timeout_s,
-        min_rate=settings.body_min_rate_bytes_s,
-        in_flight=BodyBytesInFlight(settings.max_inflight_body_bytes, metrics),
-    )
+    app.add_middleware(RequestMiddleware.from_settings, settings=settings, metrics=metrics)
     app.mount("/static/docs", StaticFiles(directory=_docs_assets()), name="docs-assets")
     install_web(app)
 

@@ -55,7 +55,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.api.http_protocol import protocol_class
-from app.api.middleware import BodyBytesInFlight, RequestMiddleware
+from app.api.middleware import RequestMiddleware
 from app.bench.cpu_budget import forward_cpu, representative
 from app.bench.load_client import run_hey
 from app.bench.proc import FORWARD, cpu_between, snapshot
@@ -212,11 +212,7 @@ def serve(port: int) -> None:
     settings, metrics = Settings(), Metrics()
     app: Any = create_app()
     if "middleware" in layers:
-        app = RequestMiddleware(
-            app, metrics, settings.max_body_bytes, settings.body_read_timeout_s,
-            settings.body_min_rate_bytes_s,
-            BodyBytesInFlight(settings.max_inflight_body_bytes, metrics),
-        )  # fmt: skip
+        app = RequestMiddleware.from_settings(app, settings, metrics)
     http: Any = "httptools"
     if "protocol" in layers:
         http = protocol_class(settings.header_read_timeout_s, settings.max_connections, metrics)

@@ -16,6 +16,7 @@ from app.api.errors import (
     BodyTooLargeError,
     error_response,
 )
+from app.config import Settings
 from app.errors import MidserveError
 from app.metrics import Metrics
 
@@ -77,6 +78,16 @@ class RequestMiddleware:
         self.read_timeout_s = read_timeout_s
         self.min_rate = min_rate
         self.in_flight = in_flight
+
+    @classmethod
+    def from_settings(cls, app: ASGIApp, settings: Settings, metrics: Metrics) -> RequestMiddleware:
+        """The layer with the operator's limits: the served app's, and a study's that puts
+        its own route in the same layer."""
+        return cls(
+            app, metrics, settings.max_body_bytes, settings.body_read_timeout_s,
+            settings.body_min_rate_bytes_s,
+            BodyBytesInFlight(settings.max_inflight_body_bytes, metrics),
+        )  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
