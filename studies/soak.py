@@ -245,11 +245,11 @@ def window_report(
         wall = b.wall_s - a.wall_s
         server, client = b.server_s - a.server_s, b.client_s - a.client_s
         others = (b.host_busy_s - a.host_busy_s) - server - client
-        ms = latencies[lo:hi]
+        measured = _percentiles(latencies[lo:hi])
         out.append({
             "requests": hi,
-            "p50_ms": _percentiles(ms)["p50"],
-            "p99_ms": _percentiles(ms)["p99"],
+            "p50_ms": measured["p50"],
+            "p99_ms": measured["p99"],
             "p99_of_typical": round(_percentiles(relative[lo:hi])["p99"], 3),
             "typical_ms_of_mix": round(statistics.fmean(typical[k] for k in plan[lo:hi]), 2),
             "server_cpu_ms_per_request": round(1000 * server / (hi - lo), 2),
