@@ -4,6 +4,7 @@ does the served work, beside the served one, measured the way ``midserve bench
 
     PYTHONPATH=. .venv/bin/python -m studies.request_floor [--seconds 8] [--rounds 2]
         [--photos ../shared/data/imagenet-samples] [--model tf_efficientnet_lite0] [--region]
+        [--served-env MIDSERVE_PREPROCESS_WORKERS=1]
 
 The prototype, on the served HTTP stack (uvicorn + httptools + uvloop, a bare Starlette
 route): the body read whole; one hand-off to a preparation thread that decodes
@@ -18,7 +19,9 @@ server of the same prototype decoding only the center crop's box (libjpeg-turbo'
 decode, ``studies/region_decode.py``): the floor outside simplejpeg's whole decode.
 ``--layers`` adds two: the prototype inside the served HTTP protocol class, and inside it
 and the served ASGI middleware, so what the served event loop spends beyond the floor's
-splits into those layers and the served route itself.
+splits into those layers and the served route itself. ``--served-env NAME=VALUE`` (repeatable)
+adds a second served server with those settings, so a setting is measured paired with the
+served defaults.
 
 The servers run at once, idle in turn: each window loads one of them at c8 with ``hey``
 posting one of the bench's three representative photos, the windows interleaved with the
@@ -252,6 +255,13 @@ def main() -> None:
         help="two more: the floor inside the served protocol class, and inside it and the "
         "served middleware",
     )
+    parser.add_argument(
+        "--served-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a second served server with this setting (repeatable: all on that one server)",
+    )
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:  # one of the floor's servers, started by the run below
@@ -259,6 +269,7 @@ def main() -> None:
         return
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed (apt-get install hey): no load client")
+    served_env = dict(pair.split("=", 1) for pair in args.served_env)
     files = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
     if not files:
         raise SystemExit(f"no JPEG photos in {args.photos}")
@@ -276,17 +287,24 @@ def main() -> None:
                   else None)  # fmt: skip
         layered = {name: stack.enter_context(floor_server(args.model, layers=layers))
                    for layers, name in LAYERS.items() if args.layers}  # fmt: skip
+        served_url = f"/v1/models/{args.model}/classify?views=center&seed=0"
         base, served = stack.enter_context(
             serve_process(default_models_dir(), args.model, ready_timeout_s=180)
         )
+        variant = None
+        if served_env:
+            variant = stack.enter_context(
+                serve_process(default_models_dir(), args.model, env=served_env, ready_timeout_s=180)
+            )
         targets = {
             "floor": floor_target(floor),
             **({"floor, the box decoded": floor_target(region)} if region else {}),
             **{name: floor_target(process) for name, process in layered.items()},
-            "served": Target(
-                f"{base}/v1/models/{args.model}/classify?views=center&seed=0", served.pid
-            ),  # fmt: skip
-        }
+            "served": Target(base + served_url, served.pid),
+            **({f"served, {' '.join(args.served_env)}": Target(variant[0] + served_url,
+                                                               variant[1].pid)}
+               if variant else {}),
+        }  # fmt: skip
         for target in targets.values():
             run_hey(target.url, photos[0], 8, 1.0)  # warm-up, not counted
         for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
