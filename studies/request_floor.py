@@ -269,6 +269,8 @@ def main() -> None:
         return
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed (apt-get install hey): no load client")
+    if bad := [pair for pair in args.served_env if "=" not in pair]:
+        raise SystemExit(f"--served-env takes NAME=VALUE, got {', '.join(bad)}")
     served_env = dict(pair.split("=", 1) for pair in args.served_env)
     files = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
     if not files:
