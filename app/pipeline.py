@@ -136,9 +136,9 @@ class ImagePipeline:
         labels = self.engine.model.labels
         top = top_classes(labels, values, indices)
         ran = outputs[: prepared.stages_run]
-        # one view, uncalibrated, its logits averaged: its own probabilities are the
-        # answer's (a softmax and a max fewer on the event loop: a quarter of this method
-        # for a center crop)
+        # one view, uncalibrated, at the logit or softmax level: its own probabilities are
+        # the answer's (a softmax and a max fewer on the event loop: a quarter of this
+        # method for a center crop)
         one_view = len(ran) == 1 and ran[0].logits.shape[0] == 1
         if one_view and temperature == 1.0 and request.level != "feature":
             view_top1, view_i = top[:1], indices[:1].tolist()
